@@ -1,0 +1,68 @@
+# Two commands set everything up from nothing: `make demo` and `make test`.
+# Both create .venv when it is missing and install what they need into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# torch is installed (pinned, CPU build) only when the venv cannot import one,
+# so a user's own CUDA build of torch is never replaced.
+TORCH_PIN ?= torch==2.13.0
+NVCC ?= nvcc
+NVCC_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+
+.PHONY: venv build test test-fast lint format demo bench bench-norm bench-data bench-model nvcc-check clean
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel pybind11 ninja
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
+	# No build isolation: the extensions compile against the torch in this venv,
+	# and an isolated build env would download a second (CUDA) torch.
+	$(PIP) install -q --no-build-isolation -e '.[dev,bench,interop]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Rebuilds the C++ extensions in place when their sources changed.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace -j 2
+
+# A CUDA compile error must fail CI even where no GPU exists.
+nvcc-check:
+	@if command -v $(NVCC) >/dev/null 2>&1 && [ -f csrc/masked_norm/cuda.cu ]; then \
+		echo "nvcc: compiling csrc/masked_norm/cuda.cu for sm_80, sm_90"; \
+		mkdir -p build/nvcc && \
+		$(NVCC) -std=c++17 -O3 $(NVCC_ARCHS) -Icsrc/masked_norm -c csrc/masked_norm/cuda.cu \
+			-o build/nvcc/masked_norm_cuda.o || exit 1; \
+	else echo "nvcc-check: nvcc or csrc/masked_norm/cuda.cu not present, skipped"; fi
+
+test: build nvcc-check
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+demo: build
+	$(PY) -m megatron_msg.cli demo
+
+bench-norm: build
+	$(PY) benchmarks/masked_norm.py
+
+bench-data: build
+	$(PY) benchmarks/data_pipeline.py
+
+bench-model: build
+	$(PY) benchmarks/model_throughput.py
+
+bench: bench-norm bench-data bench-model
+
+clean:
+	rm -rf build *.egg-info megatron_msg/*.so

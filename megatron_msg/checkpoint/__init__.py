@@ -1,0 +1,1 @@
+"""Checkpoints: topology-free canonical store and DeepSpeed I/O."""

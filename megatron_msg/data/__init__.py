@@ -1,0 +1,1 @@
+"""Megatron-compatible indexed datasets, tokenisers and preprocessing."""

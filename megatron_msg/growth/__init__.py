@@ -1,0 +1,1 @@
+"""MSG growth: masks, operators, optimizer-state remapping, schedules."""

@@ -1,0 +1,1 @@
+"""GPT model with MSG masks on every growth dimension."""

@@ -1,0 +1,1 @@
+"""Tensor-parallel process groups, layers and mappings."""

@@ -1,0 +1,1 @@
+"""DeepSpeed-driven training loop with in-run growth."""
