@@ -49,6 +49,8 @@ class ModelConfig:
     use_bias: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # GPT-2 / Megatron: attn.proj and mlp.fc2 weights get std / sqrt(2 * num_layers).
+    scaled_init: bool = True
     rope_base: float = 10000.0
     dropout: float = 0.0
 
@@ -56,7 +58,14 @@ class ModelConfig:
         self.validate()
 
     def validate(self, *, tp_size: int = 1, pp_size: int = 1) -> None:
-        for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_heads", "num_layers"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_heads",
+            "num_layers",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -65,6 +74,10 @@ class ModelConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not self.init_std > 0.0 or not self.norm_eps > 0.0:
+            raise ConfigError(
+                f"init_std ({self.init_std}) and norm_eps ({self.norm_eps}) must be positive"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if tp_size < 1 or pp_size < 1:
@@ -76,6 +89,13 @@ class ModelConfig:
         if self.ffn_hidden_size % tp_size:
             raise ConfigError(
                 f"ffn_hidden_size ({self.ffn_hidden_size}) must be divisible by "
+                f"tensor parallel size ({tp_size})"
+            )
+        if self.padded_vocab_size() % tp_size:
+            # The canonical vocabulary is padded independently of TP (so the loss
+            # does not depend on TP); every TP size must divide it.
+            raise ConfigError(
+                f"padded vocab size ({self.padded_vocab_size()}) must be divisible by "
                 f"tensor parallel size ({tp_size})"
             )
         if self.num_layers < pp_size:

@@ -1,0 +1,82 @@
+"""One pre-LN decoder layer with the MSG hidden, head, ffn and depth masks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_msg.config import ModelConfig
+from megatron_msg.model.attention import Attention, Rope
+from megatron_msg.model.maskset import MaskSet, apply_mask
+from megatron_msg.model.mlp import MLP
+from megatron_msg.model.norms import Norm
+from megatron_msg.parallel.groups import ProcessGroups
+from megatron_msg.parallel.random import ParallelRNG
+
+LAYER_MASKS = ("heads", "ffn", "depth")
+
+
+class Block(nn.Module):
+    """``y = c * Block(x) + (1 - c) * x`` with ``c`` the depth mask, where
+    ``Block(x) = x + m_h * attn(norm1(x)) ; then + m_h * mlp(norm2(.))`` and the
+    norms use the hidden mask ``m_h`` for their statistics and output.
+
+    The layer's own masks (``masks.heads`` [n/tp], ``masks.ffn`` [f/tp],
+    ``masks.depth`` []) live in ``self.masks``; the hidden mask is the model's
+    and is passed in.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        groups: ProcessGroups,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+
+        def norm() -> Norm:
+            return Norm(
+                config.hidden_size,
+                kind=config.norm,
+                eps=config.norm_eps,
+                use_bias=config.use_bias,
+                dtype=dtype,
+                device=device,
+            )
+
+        self.dropout = config.dropout
+        self.norm1 = norm()
+        self.attn = Attention(config, groups=groups, dtype=dtype, device=device)
+        self.norm2 = norm()
+        self.mlp = MLP(config, groups=groups, dtype=dtype, device=device)
+        self.masks = MaskSet(LAYER_MASKS)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        hidden_mask: torch.Tensor | None,
+        rope: Rope | None,
+        rng: ParallelRNG | None,
+    ) -> torch.Tensor:
+        a = self.attn(
+            self.norm1(x, hidden_mask), heads_mask=self.masks.get("heads"), rope=rope, rng=rng
+        )
+        h = x + self._residual_dropout(apply_mask(a, hidden_mask), rng)
+        m = self.mlp(self.norm2(h, hidden_mask), ffn_mask=self.masks.get("ffn"))
+        out = h + self._residual_dropout(apply_mask(m, hidden_mask), rng)
+        depth = self.masks.get("depth")
+        if depth is None:
+            return out
+        c = depth.to(x.dtype)
+        return c * out + (1.0 - c) * x
+
+    def _residual_dropout(self, x: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
+        if not (self.training and self.dropout > 0.0):
+            return x
+        if rng is None:
+            raise RuntimeError("residual dropout needs the model's ParallelRNG (model.rng)")
+        # The residual stream is replicated over TP: the same mask on every TP rank.
+        return rng.dropout(x, self.dropout, stream="default", training=True)
