@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("megatron_msg.data.preprocess", "tokenise jsonl into .bin/.idx datasets"),
     "merge-datasets": ("megatron_msg.data.merge", "concatenate indexed datasets"),
     "train-tokenizer": ("megatron_msg.data.train_tokenizer", "train a SentencePiece model"),
+    "plot": ("megatron_msg.plot", "draw a run's loss against steps and wall time (PNG)"),
 }
 
 
