@@ -229,7 +229,7 @@ def test_ramp_resume_is_exact():
 
 def test_bad_mask_input_raises_before_changing_anything():
     model = GPTModel(tiny(), groups=SINGLE, init_seed=1)
-    with pytest.raises(ConfigError, match="unknown mask 'layers.2.masks.ffn'"):
+    with pytest.raises(ConfigError, match=r"unknown mask 'layers\.2\.masks\.ffn'"):
         set_mask(model, "layers.2.masks.ffn", 0.5)
     with pytest.raises(ConfigError, match=r"shape \(4,\), got \(3,\)"):
         set_masks(model, {"masks.hidden": 0.5, "layers.0.masks.heads": torch.ones(3)})
