@@ -67,7 +67,7 @@ def test_bad_sizes(bad):
 
 
 def test_from_grid_needs_distributed():
-    with pytest.raises(ConfigError, match="torch.distributed initialised"):
+    with pytest.raises(ConfigError, match=r"torch\.distributed initialised"):
         ProcessGroups.from_grid(tp=1, pp=1, dp=1)
 
 
