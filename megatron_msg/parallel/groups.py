@@ -90,6 +90,11 @@ class ProcessGroups:
     # treats group=None as "the world", so it must get real singleton groups.
     _handles: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ProcessGroups:
+        # Process-group handles cannot be copied; the object is immutable, so a
+        # deep copy of a module (EMA, reference model) shares it.
+        return self
+
     @property
     def world_size(self) -> int:
         return self.tp_size * self.pp_size * self.dp_size

@@ -15,6 +15,8 @@ Bitwise equal where there is neither: the embedding (the all-reduce adds exact
 zeros), the replicated Row bias gradient, init. The mapping checks use integer-valued floats, so every sum is exact.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -86,6 +88,7 @@ def _check_groups(rank: int, world: int, grids: list[tuple[int, int, int]]) -> l
                 t = torch.tensor([float(rank)])
                 dist.all_reduce(t, group=group)
                 assert t.item() == sum(ranks), (axis, ranks, t.item())
+        assert copy.deepcopy(g) is g
         mpu = g.deepspeed_mpu()
         t = torch.tensor([1.0])
         dist.all_reduce(t, group=mpu.get_data_parallel_group())
