@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_msg.config import ModelConfig
+from megatron_msg.model.maskset import masked_row_parallel
 from megatron_msg.parallel.groups import ProcessGroups
 from megatron_msg.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_msg.parallel.random import ParallelRNG, zeros_init
@@ -23,13 +24,19 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 def rope_tables(
-    seq_len: int, head_dim: int, *, base: float, device: torch.device | str | None = None
+    seq_len: int,
+    head_dim: int,
+    *,
+    base: float,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> Rope:
-    """``(cos, sin)`` of shape [seq_len, head_dim] in fp32 (rotate-half convention)."""
+    """``(cos, sin)`` of shape [seq_len, head_dim] (rotate-half convention), computed
+    in fp64 and stored in ``dtype``."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -64,7 +71,8 @@ def _global_rng_from(gen: torch.Generator) -> Iterator[None]:
 
 
 class Attention(nn.Module):
-    """``proj(concat_j heads_mask[j] * softmax(q_j k_j^T / sqrt(d)) v_j)`` over local heads."""
+    """``hidden_mask * proj(concat_j heads_mask[j] * softmax(q_j k_j^T / sqrt(d)) v_j)``
+    over this rank's heads (the masks are applied through proj's weight)."""
 
     def __init__(
         self,
@@ -105,6 +113,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         *,
         heads_mask: torch.Tensor | None,
+        hidden_mask: torch.Tensor | None,
         rope: Rope | None,
         rng: ParallelRNG | None,
     ) -> torch.Tensor:
@@ -116,9 +125,11 @@ class Attention(nn.Module):
             cos, sin = rope[0][:s], rope[1][:s]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = self._attend(q, k, v, rng)  # [b, n, s, d]
-        if heads_mask is not None:
-            o = o * heads_mask.to(o.dtype).view(1, n, 1, 1)
-        return self.proj(o.transpose(1, 2).reshape(b, s, n * d))
+        o = o.transpose(1, 2).reshape(b, s, n * d)
+        # Head j's output o_j meets only proj columns [dj, d(j+1)): masking those
+        # columns is masking o_j before proj.
+        columns = None if heads_mask is None else heads_mask.repeat_interleave(d)
+        return masked_row_parallel(self.proj, o, in_mask=columns, out_mask=hidden_mask)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: ParallelRNG | None

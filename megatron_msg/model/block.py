@@ -7,7 +7,7 @@ from torch import nn
 
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.attention import Attention, Rope
-from megatron_msg.model.maskset import MaskSet, apply_mask
+from megatron_msg.model.maskset import MaskSet
 from megatron_msg.model.mlp import MLP
 from megatron_msg.model.norms import Norm
 from megatron_msg.parallel.groups import ProcessGroups
@@ -62,16 +62,22 @@ class Block(nn.Module):
         rng: ParallelRNG | None,
     ) -> torch.Tensor:
         a = self.attn(
-            self.norm1(x, hidden_mask), heads_mask=self.masks.get("heads"), rope=rope, rng=rng
+            self.norm1(x, hidden_mask),
+            heads_mask=self.masks.get("heads"),
+            hidden_mask=hidden_mask,
+            rope=rope,
+            rng=rng,
         )
-        h = x + self._residual_dropout(apply_mask(a, hidden_mask), rng)
-        m = self.mlp(self.norm2(h, hidden_mask), ffn_mask=self.masks.get("ffn"))
-        out = h + self._residual_dropout(apply_mask(m, hidden_mask), rng)
+        h = x + self._residual_dropout(a, rng)
+        m = self.mlp(
+            self.norm2(h, hidden_mask), ffn_mask=self.masks.get("ffn"), hidden_mask=hidden_mask
+        )
+        out = h + self._residual_dropout(m, rng)
         depth = self.masks.get("depth")
         if depth is None:
             return out
-        c = depth.to(x.dtype)
-        return c * out + (1.0 - c) * x
+        # c * out + (1 - c) * x in one kernel; exactly x at c = 0.
+        return torch.lerp(x, out, depth.to(x.dtype))
 
     def _residual_dropout(self, x: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
         if not (self.training and self.dropout > 0.0):

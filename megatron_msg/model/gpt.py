@@ -111,7 +111,7 @@ class GPTModel(nn.Module):
                 device=device,
             )
         self.masks = MaskSet(("hidden",))
-        self._rope: dict[tuple[torch.device, int], Rope] = {}
+        self._rope: dict[tuple[torch.device, int, torch.dtype], Rope] = {}
         # Dropout draws from named per-rank streams (replace to restore a checkpoint's).
         self.rng: ParallelRNG | None = None
         if init_seed is not None:
@@ -126,7 +126,7 @@ class GPTModel(nn.Module):
         x = apply_mask(self.embed(tokens), hidden_mask)
         if self.training and self.config.dropout > 0.0:
             x = self._require_rng().dropout(x, self.config.dropout, stream="default", training=True)
-        rope = self._rope_tables(tokens.shape[1], tokens.device)
+        rope = self._rope_tables(tokens.shape[1], x.device, x.dtype)
         for layer in self.layers:
             x = layer(x, hidden_mask=hidden_mask, rope=rope, rng=self.rng)
         x = self.final_norm(x, hidden_mask)
@@ -165,15 +165,18 @@ class GPTModel(nn.Module):
                 f"({self.config.max_seq_len})"
             )
 
-    def _rope_tables(self, seq_len: int, device: torch.device) -> Rope | None:
-        # Cached in fp32 outside the buffers, so a cast of the model to bf16
-        # never degrades the rotation angles.
+    def _rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> Rope | None:
+        # Cached outside the buffers (a cast of the model to bf16 must not
+        # degrade the angles), in at least fp32.
         if self.config.position_embedding != "rope":
             return None
-        key = (device, seq_len)
+        table_dtype = torch.promote_types(dtype, torch.float32)
+        key = (device, seq_len, table_dtype)
         if key not in self._rope:
             c = self.config
-            self._rope[key] = rope_tables(seq_len, c.head_dim, base=c.rope_base, device=device)
+            self._rope[key] = rope_tables(
+                seq_len, c.head_dim, base=c.rope_base, dtype=table_dtype, device=device
+            )
         return self._rope[key]
 
     def _require_rng(self) -> ParallelRNG:
@@ -246,8 +249,7 @@ class GPTModel(nn.Module):
         wrong = [
             f"{n} {tuple(state_dict[n].shape)} (expected {s.local_shape(self.groups.tp_size)})"
             for n, s in specs.items()
-            if n in state_dict
-            and tuple(state_dict[n].shape) != s.local_shape(self.groups.tp_size)
+            if n in state_dict and tuple(state_dict[n].shape) != s.local_shape(self.groups.tp_size)
         ]
         if wrong:
             raise CanonicalStateError(f"mask shards of the wrong shape: {', '.join(wrong)}")

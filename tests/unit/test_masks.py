@@ -96,7 +96,7 @@ def ref_mlp(h, s, p, config, ffn_mask):
 
 def reference_logits(state, config, tokens):
     """One sequence [s] -> logits [s, V_pad], straight from the DESIGN.md formulas."""
-    s = {k: v.double() for k, v in state.items()}
+    s = dict(state)
     ch = s.get("masks.hidden")
     one = 1.0 if ch is None else ch
     x = s["embed.word.weight"][tokens]
@@ -138,7 +138,8 @@ def grown_masks(config, value):
           "tie_embeddings": False, "use_bias": False}],
 )  # fmt: skip
 def test_halfway_ramp_matches_design_formulas(changes):
-    """After 1 of 2 ramp steps the new units sit at c=0.5 and the fp64 model equals the reference."""
+    """After 1 of 2 ramp steps the new units sit at c=0.5 and the fp64 model equals the
+    reference: logits and parameter gradients to 1e-10."""
     config = tiny(**changes)
     model = GPTModel(config, groups=SINGLE, dtype=torch.float64, init_seed=9)
     set_masks(model, grown_masks(config, 0.0))
@@ -149,10 +150,16 @@ def test_halfway_ramp_matches_design_formulas(changes):
         assert torch.equal(masks[name], want), name
     tokens = torch.randint(0, 100, (2, 10))
     got = model(tokens)
-    state = model.to_canonical()
-    for b in range(2):
-        want = reference_logits(state, config, tokens[b])
-        torch.testing.assert_close(got[b], want, rtol=0, atol=1e-10)
+    probe = torch.randn_like(got)
+    (got * probe).sum().backward()
+    state = {k: v.clone().requires_grad_(".masks." not in k and not k.startswith("masks."))
+             for k, v in model.to_canonical().items()}  # fmt: skip
+    want = torch.stack([reference_logits(state, config, tokens[b]) for b in range(2)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    # Gradients too (the model applies some masks through weights; the reference doesn't).
+    (want * probe).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, state[name].grad, rtol=0, atol=1e-10, msg=name)
     ramp.step(model)
     assert ramp.done and present_masks(model) == []  # ramp complete -> folded
 
