@@ -7,7 +7,7 @@ from pathlib import Path
 # Runnable from a checkout without installation.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_msg.data.train_tokenizer import main  # noqa: E402
+from megatron_msg.data.train_tokenizer import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-def normalize_weights(weights: Sequence[float]) -> np.ndarray:
+def normalize_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"weights must be non-negative numbers with a positive sum, got {weights}")
@@ -58,7 +58,9 @@ def parse_blend(data_path: Sequence[str]) -> list[tuple[float, str]]:
         try:
             pairs.append((float(weight), prefix))
         except ValueError:
-            raise ValueError(f"data path weight {weight!r} (for {prefix!r}) is not a number") from None
+            raise ValueError(
+                f"data path weight {weight!r} (for {prefix!r}) is not a number"
+            ) from None
     return pairs
 
 
@@ -107,7 +109,7 @@ class BlendedDataset:
         self,
         datasets: Sequence[Any],
         *,
-        weights: Sequence[float],
+        weights: Sequence[float] | np.ndarray,
         size: int,
         cache_dir: str | os.PathLike[str],
         name: str = "train",
@@ -189,11 +191,19 @@ def build_gpt_datasets(
             continue
         if empty:
             raise ValueError(f"split {split!r} leaves no {name} documents in {empty}")
-        common: dict[str, Any] = {"seq_length": seq_length, "seed": seed, "name": name, "group": group}
+        common: dict[str, Any] = {
+            "seq_length": seq_length,
+            "seed": seed,
+            "name": name,
+            "group": group,
+        }
         if len(blend) == 1:
             out.append(
                 GPTDataset(
-                    indexed[0], num_samples=wanted, document_range=ranges[0][s], cache_dir=cache_dir,
+                    indexed[0],
+                    num_samples=wanted,
+                    document_range=ranges[0][s],
+                    cache_dir=cache_dir,
                     **common,
                 )
             )

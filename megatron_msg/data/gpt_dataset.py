@@ -27,6 +27,7 @@ stream unit is the sequence (one per document as written by our preprocessing).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from typing import Any
 
@@ -186,7 +187,7 @@ def build_shuffle_index(
     dtype = np.uint32 if total < np.iinfo(np.uint32).max - 1 else np.int64
     bounds = [*epoch_starts, total]
     parts = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         part = np.arange(lo, hi, dtype=dtype)
         rng.shuffle(part)
         parts.append(part)
@@ -308,7 +309,9 @@ class GPTDataset:
         first_pos, first_off, last_pos, last_off = self._bounds(int(idx))
         seq = self.doc_index
         if first_pos == last_pos:
-            part = self.indexed.get(int(seq[first_pos]), offset=first_off, length=last_off - first_off + 1)
+            part = self.indexed.get(
+                int(seq[first_pos]), offset=first_off, length=last_off - first_off + 1
+            )
             return np.asarray(part, dtype=np.int64)
         parts = [self.indexed.get(int(seq[first_pos]), offset=first_off)]
         parts += [self.indexed.get(int(seq[p])) for p in range(first_pos + 1, last_pos)]

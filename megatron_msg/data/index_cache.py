@@ -15,6 +15,7 @@ or a per-node group with a node-local directory).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,10 @@ def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
             tmp.unlink()
 
 
+def _save_npy(f: Any, *, array: np.ndarray) -> None:
+    np.save(f, array, allow_pickle=False)
+
+
 def _save(
     cache_dir: Path,
     desc_path: Path,
@@ -71,7 +76,8 @@ def _save(
 ) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
-        _write_atomic(path, lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
+        array = np.asarray(arrays[name])
+        _write_atomic(path, functools.partial(_save_npy, array=array))
     text = json.dumps({"format": _FORMAT, **description}, sort_keys=True, indent=1)
     # The description goes last: its presence marks the entry complete.
     _write_atomic(desc_path, lambda f: f.write(text.encode()))

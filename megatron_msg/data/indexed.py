@@ -157,9 +157,7 @@ class IndexedDataset:
         self.dtype, n, d = read_index_header(self.idx_file)
         index = np.memmap(self.idx_file, dtype=np.uint8, mode="r")
         self.sizes: np.ndarray = index[HEADER_SIZE : HEADER_SIZE + 4 * n].view(np.int32)
-        self.pointers: np.ndarray = index[HEADER_SIZE + 4 * n : HEADER_SIZE + 12 * n].view(
-            np.int64
-        )
+        self.pointers: np.ndarray = index[HEADER_SIZE + 4 * n : HEADER_SIZE + 12 * n].view(np.int64)
         self.doc_idx: np.ndarray = index[HEADER_SIZE + 12 * n : HEADER_SIZE + 12 * n + 8 * d].view(
             np.int64
         )
@@ -175,7 +173,8 @@ class IndexedDataset:
             raise IndexedDatasetError(
                 f"{self.bin_file}: data file is {actual_bin} bytes but {path} describes "
                 f"{expected_bin} bytes ({expected_bin // self.dtype.itemsize} tokens of "
-                f"{self.dtype} in {n} sequences)" + (" (truncated)" if actual_bin < expected_bin else "")
+                f"{self.dtype} in {n} sequences)"
+                + (" (truncated)" if actual_bin < expected_bin else "")
             )
 
     def _check_pointers(self) -> int:

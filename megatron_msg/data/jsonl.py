@@ -41,9 +41,13 @@ def parse_record(line: bytes, keys: Sequence[str]) -> dict[str, Any]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidRecord("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}") from None
+        raise InvalidRecord(
+            "malformed_json", f"malformed JSON: {e.msg} at column {e.colno}"
+        ) from None
     if not isinstance(record, dict):
-        raise InvalidRecord("malformed_json", f"expected a JSON object, got {type(record).__name__}")
+        raise InvalidRecord(
+            "malformed_json", f"expected a JSON object, got {type(record).__name__}"
+        )
     # A lone surrogate (which no UTF-8 tokenizer accepts) can only come from a
     # \uD800-\uDFFF escape, so values are scanned only when the raw line has one.
     may_have_surrogates = b"\\ud" in line or b"\\uD" in line

@@ -59,7 +59,9 @@ def merge_datasets(*, inputs: Sequence[str], output_prefix: str) -> IndexedDatas
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="megatron-msg merge-datasets", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="megatron-msg merge-datasets", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--input", required=True, nargs="+",
                    help="a directory of .bin/.idx pairs, or dataset prefixes")  # fmt: skip
     p.add_argument("--output-prefix", required=True)

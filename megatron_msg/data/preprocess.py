@@ -82,7 +82,9 @@ def _plan(files: list[str], *, workers: int, partitions: int, chunk_bytes: int |
         total = sum(os.path.getsize(f) for f in files)
         pieces = max(8 * workers, partitions)
         chunk_bytes = min(max(total // pieces, _MIN_CHUNK), _MAX_CHUNK)
-    return [(path, lo, hi) for path in files for lo, hi in plan_chunks(path, target_bytes=chunk_bytes)]
+    return [
+        (path, lo, hi) for path in files for lo, hi in plan_chunks(path, target_bytes=chunk_bytes)
+    ]
 
 
 def _remove_stale_tmp_dirs(output_prefix: str) -> None:
@@ -146,7 +148,9 @@ def _worker_encode(task: ChunkTask) -> ChunkResult:
     return _WORKER_STATE["encoder"].encode_chunk(task, progress)  # type: ignore[no-any-return]
 
 
-def _run_in_process(spec: EncodeSpec, tasks: list[ChunkTask], bar: _Progress) -> dict[int, ChunkResult]:
+def _run_in_process(
+    spec: EncodeSpec, tasks: list[ChunkTask], bar: _Progress
+) -> dict[int, ChunkResult]:
     encoder = ChunkEncoder(spec)
     results: dict[int, ChunkResult] = {}
     for task in tasks:
@@ -284,27 +288,49 @@ def _parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("input")
     g.add_argument("--input", required=True, nargs="+", help="jsonl file(s) or glob(s)")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
-    g.add_argument("--skip-invalid", action="store_true",
-                   help="skip invalid records and report counts, instead of stopping")
+    g.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)"
+    )
+    g.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip invalid records and report counts, instead of stopping",
+    )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", help="SentencePiece .model file")
     g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
-    g.add_argument("--append-eod", action="store_true", help="append the eod token to each document")
+    g.add_argument(
+        "--append-eod", action="store_true", help="append the eod token to each document"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True)
     g.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="only mmap exists")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="processes that tokenise and write")
-    g.add_argument("--partitions", type=int, default=1,
-                   help="minimum number of input chunks (inputs are always chunked)")
-    g.add_argument("--log-interval", type=int, default=1000,
-                   help="refresh progress at least every N documents per worker")
-    g.add_argument("--chunk-size-mb", type=float, default=None,
-                   help="input chunk size (default: ~8 chunks per worker, 64 KiB to 64 MiB)")
-    g.add_argument("--keep-sequential-samples", action="store_true",
-                   help="accepted for compatibility: output order always follows the input")
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="minimum number of input chunks (inputs are always chunked)",
+    )
+    g.add_argument(
+        "--log-interval",
+        type=int,
+        default=1000,
+        help="refresh progress at least every N documents per worker",
+    )
+    g.add_argument(
+        "--chunk-size-mb",
+        type=float,
+        default=None,
+        help="input chunk size (default: ~8 chunks per worker, 64 KiB to 64 MiB)",
+    )
+    g.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="accepted for compatibility: output order always follows the input",
+    )
     for flag in ("--split-sentences", "--keep-newlines"):
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--lang", help=argparse.SUPPRESS)

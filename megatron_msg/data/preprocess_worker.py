@@ -154,26 +154,40 @@ class ChunkEncoder:
         self, records: list[tuple[int, dict[str, Any]]], result: ChunkResult
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
         """Per key: (flat tokens, sequence lengths, sequences per document) of the valid records."""
-        per_key = [self._tokenize_values([v[key] for _, v in records]) for key in self.spec.json_keys]
-        outputs = [(array.array(self._typecode), array.array("q"), array.array("q")) for _ in per_key]
+        per_key = [
+            self._tokenize_values([v[key] for _, v in records]) for key in self.spec.json_keys
+        ]
+        outputs = [
+            (array.array(self._typecode), array.array("q"), array.array("q")) for _ in per_key
+        ]
         for r, (offset, _) in enumerate(records):
             docs = [per_key[k][r] for k in range(len(per_key))]
-            bad = next((d for d in docs if isinstance(d, InvalidRecord)), None)
-            if bad is None:
-                empty = next((k for k, d in enumerate(docs) if not any(d)), None)
-                if empty is not None:
-                    key = self.spec.json_keys[empty]
-                    bad = InvalidRecord("empty_document", f"empty document for key {key!r}")
+            bad = self._problem(docs)
             if bad is not None:
                 if not self._invalid(result, offset, bad):
                     return None
                 continue
             for (tokens, lengths, counts), sentences in zip(outputs, docs):
-                self._append_document(tokens, lengths, counts, sentences)  # type: ignore[arg-type]
+                assert not isinstance(sentences, InvalidRecord)
+                self._append_document(tokens, lengths, counts, sentences)
         return [
-            (np.frombuffer(t, dtype=self.dtype), np.frombuffer(n, np.int64), np.frombuffer(c, np.int64))
+            (
+                np.frombuffer(t, dtype=self.dtype),
+                np.frombuffer(n, np.int64),
+                np.frombuffer(c, np.int64),
+            )
             for t, n, c in outputs
         ]
+
+    def _problem(self, docs: list[list[list[int]] | InvalidRecord]) -> InvalidRecord | None:
+        """Why a record (its documents, one per key) cannot be written, or None."""
+        for k, doc in enumerate(docs):
+            if isinstance(doc, InvalidRecord):
+                return doc
+            if not any(doc):
+                key = self.spec.json_keys[k]
+                return InvalidRecord("empty_document", f"empty document for key {key!r}")
+        return None
 
     def _append_document(
         self, tokens: array.array, lengths: array.array, counts: array.array, sentences: list

@@ -14,7 +14,27 @@ from collections.abc import Iterator
 
 __all__ = ["synthetic_documents", "write_synthetic_jsonl"]
 
-_ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "st", "tr", "pl"]
+_ONSETS = [
+    "",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "st",
+    "tr",
+    "pl",
+]
 _NUCLEI = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
 _CODAS = ["", "", "n", "r", "s", "t", "l", "ng", "ck"]
 _EXTRA = ["café", "naïve", "Zürich", "façade", "数据", "模型", "Ελλάδα", "🙂"]

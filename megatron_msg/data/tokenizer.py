@@ -211,14 +211,20 @@ class NullTokenizer(Tokenizer):
             try:
                 ids = [int(tok) for tok in text.split()]
             except ValueError:
-                raise ValueError("pre-tokenised text must be integers separated by spaces") from None
+                raise ValueError(
+                    "pre-tokenised text must be integers separated by spaces"
+                ) from None
         elif isinstance(text, list) and all(type(t) is int for t in text):
             ids = list(text)
         else:
-            raise ValueError(f"expected a string of ids or a list of ints, got {type(text).__name__}")
+            raise ValueError(
+                f"expected a string of ids or a list of ints, got {type(text).__name__}"
+            )
         bad = [i for i in ids if not 0 <= i < self._size]
         if bad:
-            raise ValueError(f"token id {bad[0]} outside [0, {self._size}) (vocab size {self._size})")
+            raise ValueError(
+                f"token id {bad[0]} outside [0, {self._size}) (vocab size {self._size})"
+            )
         return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -248,4 +254,6 @@ def build_tokenizer(
         if vocab_size is None:
             raise ValueError("NullTokenizer needs --vocab-size")
         return NullTokenizer(vocab_size)
-    raise ValueError(f"tokenizer type {tokenizer_type!r} is not supported; choose from {TOKENIZER_TYPES}")
+    raise ValueError(
+        f"tokenizer type {tokenizer_type!r} is not supported; choose from {TOKENIZER_TYPES}"
+    )

@@ -77,15 +77,21 @@ def train_sentencepiece(
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="megatron-msg train-tokenizer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="megatron-msg train-tokenizer", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--input", required=True, nargs="+", help="jsonl file(s)")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram", "char", "word"])
     p.add_argument("--character-coverage", type=float, default=1.0)
-    p.add_argument("--input-sentence-size", type=int, default=0, help="sample this many lines (0: all)")
-    p.add_argument("--max-sentence-length", type=int, default=16384, help="bytes; longer lines are dropped")
+    p.add_argument(
+        "--input-sentence-size", type=int, default=0, help="sample this many lines (0: all)"
+    )
+    p.add_argument(
+        "--max-sentence-length", type=int, default=16384, help="bytes; longer lines are dropped"
+    )
     p.add_argument("--byte-fallback", action="store_true", help="unknown characters become bytes")
     p.add_argument("--unk-id", type=int, default=0)
     p.add_argument("--bos-id", type=int, default=1)
@@ -95,10 +101,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--skip-invalid", action="store_true")
     args = p.parse_args(argv)
     if args.vocab_size < 4:
-        print(f"train-tokenizer: error: --vocab-size must be >= 4, got {args.vocab_size}", file=sys.stderr)
+        print(
+            f"train-tokenizer: error: --vocab-size must be >= 4, got {args.vocab_size}",
+            file=sys.stderr,
+        )
         return 2
     skipped: list[str] = []
-    texts = iter_texts(args.input, json_keys=args.json_keys, skip_invalid=args.skip_invalid, skipped=skipped)
+    texts = iter_texts(
+        args.input, json_keys=args.json_keys, skip_invalid=args.skip_invalid, skipped=skipped
+    )
     try:
         path = train_sentencepiece(
             texts=texts, model_prefix=args.model_prefix, vocab_size=args.vocab_size,
@@ -112,6 +123,9 @@ def main(argv: list[str]) -> int:
         print(f"train-tokenizer: error: {e}", file=sys.stderr)
         return 1
     if skipped:
-        print(f"train-tokenizer: skipped {len(skipped)} invalid records, first: {skipped[0]}", file=sys.stderr)
+        print(
+            f"train-tokenizer: skipped {len(skipped)} invalid records, first: {skipped[0]}",
+            file=sys.stderr,
+        )
     print(f"train-tokenizer: wrote {path}", file=sys.stderr)
     return 0

@@ -37,7 +37,9 @@ def _stream(ds: IndexedDataset, doc_index: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(("seq_length", "num_samples"), [(16, None), (7, 300), (40, 100)])
 def test_samples_are_contiguous_windows_of_the_shuffled_stream(tmp_path, seq_length, num_samples):
     ds = _make_dataset(str(tmp_path / "ds"))
-    gpt = GPTDataset(ds, seq_length=seq_length, num_samples=num_samples, seed=5, cache_dir=tmp_path / "c")
+    gpt = GPTDataset(
+        ds, seq_length=seq_length, num_samples=num_samples, seed=5, cache_dir=tmp_path / "c"
+    )
     stream = _stream(ds, gpt.doc_index)
     served = set()
     for i in range(len(gpt)):
@@ -84,7 +86,9 @@ def test_splits_are_disjoint_in_documents(tmp_path):
     with pytest.raises(ValueError, match="'a,b'"):
         split_document_ranges(10, "a,b")
     train = GPTDataset(ds, seq_length=10, document_range=(0, 80), name="train", cache_dir=tmp_path)
-    valid = GPTDataset(ds, seq_length=10, document_range=(80, 100), name="valid", cache_dir=tmp_path)
+    valid = GPTDataset(
+        ds, seq_length=10, document_range=(80, 100), name="valid", cache_dir=tmp_path
+    )
     docs = [set(), set()]
     for k, d in enumerate((train, valid)):
         for i in range(len(d)):
@@ -188,7 +192,9 @@ def _two_rank_body(rank: int, world_size: int, prefix: str, cache: str) -> None:
 
     gd.build_gpt_indices = failing
     # a build failure on rank 0 reaches every rank instead of hanging them
-    with pytest.raises((OSError, RuntimeError), match="disk full" if rank == 0 else "rank 0 failed"):
+    with pytest.raises(
+        (OSError, RuntimeError), match="disk full" if rank == 0 else "rank 0 failed"
+    ):
         GPTDataset(ds, seq_length=8, num_samples=100, seed=1, cache_dir=cache)
     gd.build_gpt_indices = slow
     start = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ from megatron_msg.data.indexed import (
     IndexedDatasetError,
     IndexedDatasetWriter,
     best_dtype,
-    publish_pair,
 )
 from megatron_msg.data.merge import find_prefixes, merge_datasets
 from megatron_msg.data.merge import main as merge_main
@@ -48,9 +48,9 @@ def test_round_trip_and_exact_idx_bytes(tmp_path, dtype):
         for d in docs[:10]:
             w.add_document(d)
         w.add_documents(np.concatenate(docs[10:]), lengths=np.array([len(d) for d in docs[10:]]))
-    raw = open(prefix + ".idx", "rb").read()
+    raw = Path(prefix + ".idx").read_bytes()
     assert raw == _expected_idx(dtype, docs, list(range(len(docs) + 1)))
-    assert open(prefix + ".bin", "rb").read() == b"".join(d.astype(dtype).tobytes() for d in docs)
+    assert Path(prefix + ".bin").read_bytes() == b"".join(d.astype(dtype).tobytes() for d in docs)
     ds = IndexedDataset(prefix)
     assert ds.dtype == np.dtype(dtype) and len(ds) == len(docs) == ds.num_documents
     for i, d in enumerate(docs):
@@ -73,16 +73,18 @@ def test_multi_sequence_documents(tmp_path):
     assert list(ds.sizes) == [2, 3, 1, 2, 1, 2, 3]
     np.testing.assert_array_equal(ds.document(1), [6, 7, 8])
     np.testing.assert_array_equal(ds.document(2), [0, 1, 2])
-    raw = open(prefix + ".idx", "rb").read()
+    raw = Path(prefix + ".idx").read_bytes()
     seqs = [np.zeros(n) for n in [2, 3, 1, 2, 1, 2, 3]]
     assert raw == _expected_idx(np.int32, seqs, [0, 2, 4, 6, 7])
 
 
 def test_best_dtype_and_range_checks(tmp_path):
     assert best_dtype(65499) == np.uint16 and best_dtype(65500) == np.int32
-    with IndexedDatasetWriter(str(tmp_path / "a"), dtype=np.uint16) as w:
-        with pytest.raises(ValueError, match="do not fit"):
-            w.add_document([1, 70000])
+    with (
+        IndexedDatasetWriter(str(tmp_path / "a"), dtype=np.uint16) as w,
+        pytest.raises(ValueError, match="do not fit"),
+    ):
+        w.add_document([1, 70000])
     with pytest.raises(ValueError, match="no MMIDIDX code"):
         IndexedDatasetWriter(str(tmp_path / "b"), dtype=np.complex64)
 
@@ -142,8 +144,11 @@ def _patch(path: str, offset: int, data: bytes) -> None:
         (lambda p: os.truncate(p + ".idx", os.path.getsize(p + ".idx") - 8), "truncated"),
         (lambda p: _patch(p + ".idx", 18, struct.pack("<Q", 10**12)), "implies"),
         (lambda p: os.truncate(p + ".bin", 20), r"data file is 20 bytes .* describes 30 bytes"),
-        (lambda p: open(p + ".bin", "ab").write(b"\0\0"), "data file is 32 bytes"),
-        (lambda p: _patch(p + ".idx", 34 + 16 + 8 * 2, struct.pack("<q", 3)), "pointer of sequence 2"),
+        (lambda p: _patch(p + ".bin", 30, b"\0\0"), "data file is 32 bytes"),
+        (
+            lambda p: _patch(p + ".idx", 34 + 16 + 8 * 2, struct.pack("<q", 3)),
+            "pointer of sequence 2",
+        ),
         (lambda p: _patch(p + ".idx", 34, struct.pack("<i", -1)), "negative size"),
         (lambda p: _patch(p + ".idx", 34 + 16 + 32 + 8 * 4, struct.pack("<q", 3)), "end at N=4"),
         (lambda p: _patch(p + ".idx", 34 + 16 + 32 + 8 * 2, struct.pack("<q", 0)), "decreases"),
@@ -177,18 +182,26 @@ def test_merge_concatenates_and_checks_dtype(tmp_path):
             for d in docs:
                 w.add_document(d)
         parts.append(docs)
-    merged = merge_datasets(inputs=find_prefixes(str(tmp_path / "in")), output_prefix=str(tmp_path / "m"))
+    merged = merge_datasets(
+        inputs=find_prefixes(str(tmp_path / "in")), output_prefix=str(tmp_path / "m")
+    )
     flat = [d for docs in parts for d in docs]
     assert len(merged) == len(flat)
     for i, d in enumerate(flat):
         np.testing.assert_array_equal(merged[i], d)
-    assert open(tmp_path / "m.idx", "rb").read() == _expected_idx(np.uint16, flat, list(range(len(flat) + 1)))
-    assert merge_main(["--input", str(tmp_path / "in"), "--output-prefix", str(tmp_path / "m2")]) == 0
-    assert open(tmp_path / "m2.bin", "rb").read() == open(tmp_path / "m.bin", "rb").read()
+    assert Path(tmp_path / "m.idx").read_bytes() == _expected_idx(
+        np.uint16, flat, list(range(len(flat) + 1))
+    )
+    assert (
+        merge_main(["--input", str(tmp_path / "in"), "--output-prefix", str(tmp_path / "m2")]) == 0
+    )
+    assert Path(tmp_path / "m2.bin").read_bytes() == Path(tmp_path / "m.bin").read_bytes()
     with IndexedDatasetWriter(str(tmp_path / "other"), dtype=np.int32) as w:
         w.add_document([1])
     with pytest.raises(IndexedDatasetError, match="different dtypes"):
-        merge_datasets(inputs=[str(tmp_path / "m"), str(tmp_path / "other")], output_prefix=str(tmp_path / "x"))
+        merge_datasets(
+            inputs=[str(tmp_path / "m"), str(tmp_path / "other")], output_prefix=str(tmp_path / "x")
+        )
     assert not os.path.exists(tmp_path / "x.bin")
 
 
@@ -234,7 +247,7 @@ def test_we_write_megatron_core_reads(tmp_path):
     assert len(theirs) == 30 and theirs.index.dtype == np.int32
     for i, d in enumerate(docs):
         np.testing.assert_array_equal(theirs[i], d)
-    np.testing.assert_array_equal(theirs.document_indices, list(range(26)) + [30])
+    np.testing.assert_array_equal(theirs.document_indices, [*range(26), 30])
     # and Megatron's own builder produces byte-identical files from the same data
     builder = mi.IndexedDatasetBuilder(str(tmp_path / "mc.bin"), dtype=np.int32)
     for d in docs[:25]:
@@ -242,4 +255,4 @@ def test_we_write_megatron_core_reads(tmp_path):
     builder.add_document(np.concatenate(docs[25:]), [len(d) for d in docs[25:]])
     builder.finalize(str(tmp_path / "mc.idx"))
     for ext in (".bin", ".idx"):
-        assert open(prefix + ext, "rb").read() == open(str(tmp_path / "mc") + ext, "rb").read()
+        assert Path(prefix + ext).read_bytes() == Path(str(tmp_path / "mc") + ext).read_bytes()
