@@ -11,6 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megatron_msg.train", "train a GPT with DeepSpeed, growing it on a schedule"),
     "demo": ("megatron_msg.demo", "grow a small GPT along all four dimensions and report"),
     "preprocess": ("megatron_msg.data.preprocess", "tokenise jsonl into .bin/.idx datasets"),
     "merge-datasets": ("megatron_msg.data.merge", "concatenate indexed datasets"),

@@ -181,10 +181,6 @@ def _check_growth(config: TrainConfig, report: Report) -> None:
                 f"{key}.start_step ({stage.start_step}) must be after the previous stage "
                 f"(start + ramp_steps = {previous_end})"
             )
-        if stage.start_step >= config.train.steps:
-            report(
-                f"{key}.start_step ({stage.start_step}) must be < train.steps ({config.train.steps})"
-            )
         previous_end = stage.start_step + stage.ramp_steps
         _check_stage_shape(key, old, new, report)
         try:

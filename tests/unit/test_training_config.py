@@ -119,9 +119,9 @@ def test_derived_batch_and_dp():
             ["growth.1.start_step (15)", "(start + ramp_steps = 20)"],
         ),
         (
-            ["growth.0.start_step=60", "growth.0.num_layers=4"],
+            ["growth.0.start_step=0", "growth.0.num_layers=4"],
             1,
-            ["growth.0.start_step (60)", "train.steps (50)"],
+            ["growth.0.start_step (0)", "must be after the previous stage"],
         ),
         (["growth.0.start_step=5", "growth.0.num_layers=2"], 1, ["does not grow anything"]),
         (

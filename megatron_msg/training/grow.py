@@ -1,0 +1,129 @@
+"""Growth inside a run: canonical state out of the engine, grow, a new engine, state back in.
+
+Old entries keep their fp32 master weights, Adam moments and Adam step exactly;
+new entries get the operator's init and a *moment policy*:
+
+- ``zero`` (the MSG reference code): exp_avg = exp_avg_sq = 0. Adam's bias
+  correction uses the tensor's old step count t, so for a new entry the first
+  update is (1-b1) g / sqrt((1-b2) g^2) = (1-b1)/sqrt(1-b2) lr-sized whatever
+  the size of g (3.2 lr at b2 = 0.999): a new unit behind a mask near 0 has a
+  tiny gradient yet takes full-size, noise-driven steps.
+- ``mean_sq`` (default): exp_avg = 0, exp_avg_sq = the mean exp_avg_sq of the
+  tensor's old entries (of the same kind of tensor in other layers for a
+  brand-new tensor). The first updates are then g / sqrt(mean v): proportional
+  to the gradient, as they would be for an old entry, so new units move
+  slowly while their masks are small and Adam adapts from there.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from megatron_msg.config import ConfigError, ModelConfig
+from megatron_msg.growth.masks import MaskRamp
+from megatron_msg.growth.operators import GrowthMaps, TensorMap, carry_over, grow
+from megatron_msg.model import GPTModel
+from megatron_msg.parallel.groups import ProcessGroups
+from megatron_msg.training.config import GrowthStage, TrainConfig
+from megatron_msg.training.engine import TrainEngine, TrainState
+
+_LAYER = re.compile(r"^layers\.\d+\.")
+
+
+@dataclass
+class GrowthOutcome:
+    engine: TrainEngine
+    ramp: MaskRamp
+    seconds: float
+
+
+def grow_engine(
+    engine: TrainEngine,
+    *,
+    config: TrainConfig,
+    stage: GrowthStage,
+    new_model: ModelConfig,
+    groups: ProcessGroups,
+    seed: int,
+) -> GrowthOutcome:
+    """Replace ``engine`` by one holding the grown model; collective over all ranks.
+
+    ``config`` is the run's config; its ``model`` is replaced by ``new_model``
+    for the new engine. The caller must drop its reference to the old engine.
+    """
+    start = time.perf_counter()
+    old_model = engine.module.config
+    state = engine.get_state()
+    result = grow(
+        {**state.weights, **state.masks},
+        old_model,
+        new_model,
+        init=stage.init,
+        depth_strategy=stage.depth_strategy,
+        seed=seed,
+        tp_size=groups.tp_size,
+    )
+    exp_avg, exp_avg_sq = carry_moments(state, result.maps, policy=stage.moment_policy)
+    grown = TrainState(
+        weights={n: t for n, t in result.state.items() if n in exp_avg},
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+        step=state.step,
+        masks={n: t for n, t in result.state.items() if n not in exp_avg},
+    )
+    device = next(engine.module.parameters()).device
+    engine.destroy()
+    del engine, state  # the old engine's memory can go before the new one is built
+    dtype = torch.bfloat16 if config.train.dtype == "bf16" else torch.float32
+    model = GPTModel.from_canonical(
+        result.state, new_model, groups=groups, dtype=dtype, device=device
+    )
+    new_engine = TrainEngine(model, config=_with_model(config, new_model), groups=groups)
+    new_engine.set_state(grown)
+    ramp = MaskRamp.from_model(new_engine.module, ramp_steps=stage.ramp_steps)
+    return GrowthOutcome(engine=new_engine, ramp=ramp, seconds=time.perf_counter() - start)
+
+
+def _with_model(config: TrainConfig, model: ModelConfig) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, model=model)
+
+
+def carry_moments(
+    state: TrainState, maps: GrowthMaps, *, policy: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(exp_avg, exp_avg_sq) of the grown parameters under moment ``policy``."""
+    if policy == "zero":
+        return carry_over(state.exp_avg, maps), carry_over(state.exp_avg_sq, maps)
+    if policy == "mean_sq":
+        return carry_over(state.exp_avg, maps), carry_over(
+            state.exp_avg_sq, maps, fill=_mean_fill(state.exp_avg_sq)
+        )
+    raise ConfigError(f"moment_policy must be 'zero' or 'mean_sq', got {policy!r}")
+
+
+def _mean_fill(
+    old: dict[str, torch.Tensor],
+) -> Callable[[str, TensorMap, torch.Tensor | None], torch.Tensor]:
+    """New entries of a tensor get the mean of its old entries; a brand-new tensor the
+    mean over the same tensor in every old layer (``layers.*.mlp.fc1.weight``)."""
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for name, tensor in old.items():
+        by_kind.setdefault(_LAYER.sub("layers.*.", name), []).append(tensor.reshape(-1))
+    kind_mean = {k: float(torch.cat(v).double().mean()) for k, v in by_kind.items()}
+    everything = float(torch.cat([t.reshape(-1) for t in old.values()]).double().mean())
+
+    def fill(name: str, tmap: TensorMap, source: torch.Tensor | None) -> torch.Tensor:
+        if source is not None and source.numel() > 0:
+            value = float(source.double().mean())
+        else:
+            value = kind_mean.get(_LAYER.sub("layers.*.", name), everything)
+        return torch.full(tmap.new_shape, value, dtype=torch.float32)
+
+    return fill

@@ -1,0 +1,156 @@
+"""A real DeepSpeed run of a tiny GPT on CPU (one spawned rank, ZeRO-1, grad accumulation 2).
+
+One process is shared by several checks because DeepSpeed's start-up is slow on
+CPU: loss falls; growth inside the run preserves the function on a fixed probe
+batch (fp32, rel <= 1e-5) and leaves old fp32 weights, Adam moments and step
+bitwise unchanged; the ramp advances once per optimizer step; a run stopped
+mid-ramp and resumed from its checkpoint gives bitwise the same losses; a
+non-finite loss skips the update and too many in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.dist_utils import run_distributed
+
+TINY = [
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.ffn_hidden_size=64",
+    "model.num_heads=2",
+    "model.head_dim=16",
+    "model.num_layers=2",
+    "model.max_seq_len=16",
+    "data.source=synthetic",
+    "data.seq_len=16",
+    "batch.micro_batch_size=4",
+    "batch.grad_accum=2",
+    "optimizer.lr=3e-3",
+    "lr.warmup_steps=2",
+    "lr.decay_steps=16",
+    "lr.min_lr=3e-4",
+    "lr.rewind_on_growth=true",
+    "lr.rewarmup_steps=2",
+    "growth.0.start_step=6",
+    "growth.0.hidden_size=48",
+    "growth.0.ffn_hidden_size=96",
+    "growth.0.num_heads=3",
+    "growth.0.ramp_steps=4",
+    "growth.1.start_step=12",
+    "growth.1.num_layers=3",
+    "growth.1.ramp_steps=3",
+    "parallel.zero_stage=1",
+    "logging.interval=1",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "checkpoint.interval=5",
+]
+
+
+def _config(run_dir: str, *extra: str):
+    from megatron_msg.training.config import load_config
+
+    return load_config(None, [*TINY, f"train.run_dir={run_dir}", *extra])
+
+
+def _leading(tensor, shape):
+    return tensor[tuple(slice(0, s) for s in shape)]
+
+
+def _check_growth_keeps_old_state(trainer, *, layer_map: dict[int, int] | None = None) -> dict:
+    """Grow at the current step; old entries of every tensor must be bitwise unchanged."""
+    import torch
+
+    before = trainer.engine.get_state()
+    event = trainer.maybe_grow()
+    assert event is not None
+    after = trainer.engine.get_state()
+    assert after.step == before.step > 0
+    rel = abs(event["loss_after"] - event["loss_before"]) / event["loss_before"]
+    assert rel <= 1e-5, event
+    for part in ("weights", "exp_avg", "exp_avg_sq"):
+        old, new = getattr(before, part), getattr(after, part)
+        for name, value in old.items():
+            assert torch.equal(_leading(new[name], value.shape), value), (part, name)
+            if part == "exp_avg_sq" and new[name].shape != value.shape:
+                # mean_sq policy: new entries start at the mean of the old ones, not 0
+                grown = new[name].clone()
+                grown[tuple(slice(0, s) for s in value.shape)] = -1
+                fresh = grown[grown >= 0]
+                assert fresh.numel() > 0 and bool((fresh > 0).all()), name
+    return event
+
+
+def _body(rank: int, world_size: int, tmp: str) -> None:
+    import torch
+
+    from megatron_msg.growth.masks import get_masks
+    from megatron_msg.training.loop import Trainer, TrainingError
+
+    # ---- one uninterrupted run, stepping through both growth events -----------------
+    full = Trainer(_config(os.path.join(tmp, "full"), "train.steps=16"))
+    full.advance(to=6)
+    event = _check_growth_keeps_old_state(full)
+    assert event["shape"] == [48, 96, 3, 2]
+    full.advance(to=8)  # two optimizer steps (of 2 micro-batches each) into a 4-step ramp
+    assert full.ramp is not None and full.ramp.steps_done == 2
+    hidden = get_masks(full.engine.module)["masks.hidden"]
+    assert torch.equal(hidden[:32], torch.ones(32)) and torch.equal(
+        hidden[32:], torch.full((16,), 0.5)
+    )
+    full.advance(to=12)
+    assert not get_masks(full.engine.module)  # ramp done: every mask folded
+    event = _check_growth_keeps_old_state(full)
+    assert event["shape"] == [48, 96, 3, 3]
+    full.advance(to=16)
+    full.close()
+    losses = full.summary.losses
+    assert sorted(losses) == list(range(1, 17))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (14, 15, 16)) / 3
+    assert last < first - 0.3, losses
+
+    # ---- stopped at step 9 (mid-ramp), resumed from its checkpoint ------------------
+    part = os.path.join(tmp, "part")
+    Trainer(_config(part, "train.steps=9")).run()  # saves at 5 and 9
+    resumed = Trainer(_config(part, "train.steps=16"))
+    assert resumed.summary.resumed_from == "step_00000009" and resumed.step == 9
+    summary = resumed.run()
+    for step in range(10, 17):
+        assert summary.losses[step] == losses[step], (step, summary.losses[step], losses[step])
+    assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == [
+        "latest",
+        "step_00000015",
+        "step_00000016",
+        "zero_to_fp32.py",
+        "zero_to_torch.py",
+    ]
+
+    # ---- non-finite loss: the update is skipped; 2 in a row stop the run -----------
+    bad = Trainer(
+        _config(
+            os.path.join(tmp, "nan"),
+            "train.steps=8",
+            "train.max_nonfinite_in_row=2",
+            "growth=[]",
+            "checkpoint.interval=0",
+        )
+    )
+    bad.advance(to=1)
+    state = bad.engine.get_state()
+    with torch.no_grad():
+        bad.engine.module.final_norm.weight[0] = float("nan")  # the module copy the forward uses
+    with pytest.raises(
+        TrainingError, match=r"step 3: 2 consecutive steps .*max_nonfinite_in_row = 2"
+    ):
+        bad.run()
+    assert bad.summary.skipped_steps == 2 and sorted(bad.summary.losses) == [1]
+    after = bad.engine.get_state()
+    assert after.step == state.step == 1
+    assert all(torch.equal(after.weights[n], state.weights[n]) for n in state.weights)
+
+
+def test_train_growth_resume_and_nonfinite(tmp_path):
+    run_distributed(_body, world_size=1, args=(str(tmp_path),), timeout=400)
