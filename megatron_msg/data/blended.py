@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from megatron_msg.data.gpt_dataset import GPTDataset, split_document_ranges
-from megatron_msg.data.index_cache import load_or_build
+from megatron_msg.data.index_cache import load_arrays, load_or_build
 from megatron_msg.data.indexed import IndexedDataset
 
 try:
@@ -126,7 +126,7 @@ class BlendedDataset:
             "size": self.size,
             "datasets": [_describe(d) for d in self.datasets],
         }
-        arrays, self.built_cache = load_or_build(
+        entry = load_or_build(
             cache_dir=cache_dir,
             stem=f"blend-{name}",
             description=self.description,
@@ -139,8 +139,10 @@ class BlendedDataset:
             ),
             group=group,
         )
-        self.dataset_index = arrays["dataset_index"]
-        self.dataset_sample_index = arrays["dataset_sample_index"]
+        self.built_cache = entry.built
+        self._cache_paths = entry.paths
+        self.dataset_index = entry.arrays["dataset_index"]
+        self.dataset_sample_index = entry.arrays["dataset_sample_index"]
         needed = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets))
         for i, (dataset, count) in enumerate(zip(self.datasets, needed)):
             if count > len(dataset):
@@ -148,6 +150,17 @@ class BlendedDataset:
                     f"blend needs {int(count)} samples from dataset {i} "
                     f"(weight {self.weights[i]:.4g}) but it has {len(dataset)}"
                 )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle as file names, never array contents (see GPTDataset).
+        skip = ("dataset_index", "dataset_sample_index")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        arrays = load_arrays(self._cache_paths)
+        self.dataset_index = arrays["dataset_index"]
+        self.dataset_sample_index = arrays["dataset_sample_index"]
 
     def __len__(self) -> int:
         return self.size

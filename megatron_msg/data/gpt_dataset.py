@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_msg.data.index_cache import load_or_build
+from megatron_msg.data.index_cache import load_arrays, load_or_build
 from megatron_msg.data.indexed import IndexedDataset
 
 try:
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 _INT32_MAX = np.iinfo(np.int32).max
+_ARRAYS = ("doc_index", "sample_index", "shuffle_index")
 
 
 def have_cpp_helpers() -> bool:
@@ -274,7 +275,7 @@ class GPTDataset:
             "sizes_blake2b": _sizes_digest(indexed.sizes[start:stop]),
         }
         directory = cache_dir or os.path.join(os.path.dirname(indexed.prefix), "index_cache")
-        arrays, self.built_cache = load_or_build(
+        entry = load_or_build(
             cache_dir=directory,
             stem=f"{os.path.basename(indexed.prefix)}-{name}",
             description=self.description,
@@ -288,11 +289,23 @@ class GPTDataset:
             ),
             group=group,
         )
+        self.built_cache = entry.built
+        self._cache_paths = entry.paths
+        self._set_arrays(entry.arrays)
+        self.num_samples = len(self.shuffle_index) if num_samples is None else num_samples
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.doc_index = arrays["doc_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
-        built = len(self.shuffle_index)
-        self.num_samples = built if num_samples is None else num_samples
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle (e.g. into DataLoader workers) as file names, never array contents.
+        return {k: v for k, v in self.__dict__.items() if k not in _ARRAYS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._set_arrays(load_arrays(self._cache_paths))
 
     def __len__(self) -> int:
         return self.num_samples

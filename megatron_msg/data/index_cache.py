@@ -21,12 +21,13 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["description_hash", "load_or_build"]
+__all__ = ["CacheEntry", "description_hash", "load_arrays", "load_or_build"]
 
 _FORMAT = 1
 
@@ -83,8 +84,16 @@ def _save(
     _write_atomic(desc_path, lambda f: f.write(text.encode()))
 
 
-def _load(paths: Mapping[str, Path]) -> dict[str, np.ndarray]:
+def load_arrays(paths: Mapping[str, str | os.PathLike[str]]) -> dict[str, np.ndarray]:
+    """Memory-map cached arrays (no pickled objects are ever loaded)."""
     return {name: np.load(path, mmap_mode="r", allow_pickle=False) for name, path in paths.items()}
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    arrays: dict[str, np.ndarray]
+    paths: dict[str, str]  # lets datasets pickle as file names rather than array contents
+    built: bool  # whether this call built the entry
 
 
 def _dist_rank(group: Any) -> tuple[bool, int]:
@@ -117,8 +126,8 @@ def load_or_build(
     names: Sequence[str],
     build: Callable[[], Mapping[str, np.ndarray]],
     group: Any = None,
-) -> tuple[dict[str, np.ndarray], bool]:
-    """Return (arrays memory-mapped from the cache, whether this call built them).
+) -> CacheEntry:
+    """The arrays memory-mapped from the cache, building the entry first if needed.
 
     ``stem`` is a readable prefix for the file names; the hash of ``description``
     is appended to it. ``build`` returns the arrays named in ``names``.
@@ -152,4 +161,5 @@ def load_or_build(
             f"index cache {full_stem} is missing in {directory} after rank 0 built it; "
             "is the cache directory shared by all ranks of the group?"
         )
-    return _load(paths), built
+    str_paths = {name: str(path) for name, path in paths.items()}
+    return CacheEntry(arrays=load_arrays(str_paths), paths=str_paths, built=built)

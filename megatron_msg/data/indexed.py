@@ -164,6 +164,13 @@ class IndexedDataset:
         self._validate()
         self._data = self._map_data()
 
+    def __getstate__(self) -> dict[str, str]:
+        # Pickle as the prefix: a memmap would otherwise pickle the whole file.
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(state["prefix"])  # type: ignore[misc]
+
     def _validate(self) -> None:
         path, n = self.idx_file, len(self.sizes)
         _check_sizes_and_doc_idx(path, self.sizes, self.doc_idx)

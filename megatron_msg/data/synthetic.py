@@ -81,10 +81,13 @@ def write_synthetic_jsonl(
     num_docs: int,
     seed: int = 0,
     mean_words: int = 120,
+    vocab_words: int = 2000,
     keys: tuple[str, ...] = ("text",),
 ) -> int:
     """Write ``num_docs`` jsonl records (each key gets its own text); returns the byte size."""
-    docs = synthetic_documents(num_docs * len(keys), seed=seed, mean_words=mean_words)
+    docs = synthetic_documents(
+        num_docs * len(keys), seed=seed, mean_words=mean_words, vocab_words=vocab_words
+    )
     with open(path, "w", encoding="utf-8") as f:
         for i in range(num_docs):
             record = {"id": i, **{key: next(docs) for key in keys}}

@@ -89,3 +89,18 @@ def test_build_gpt_datasets_blend_and_split(tmp_path):
         data_path=[a], split="1", seq_length=8, num_samples=(None, 0, 0), cache_dir=tmp_path / "c2"
     )
     assert isinstance(single, GPTDataset) and len(single) == (IndexedDataset(a).num_tokens - 1) // 8
+
+
+def test_blended_pickles_as_file_names(tmp_path):
+    import pickle
+
+    parts = [
+        GPTDataset(IndexedDataset(_dataset(str(tmp_path / f"d{i}"), i + 1)), seq_length=8,
+                   num_samples=300, seed=i, cache_dir=tmp_path)
+        for i in range(2)
+    ]  # fmt: skip
+    blend = BlendedDataset(parts, weights=[2, 1], size=400, cache_dir=tmp_path)
+    blob = pickle.dumps(blend)
+    assert len(blob) < 8000
+    clone = pickle.loads(blob)
+    assert all(np.array_equal(blend[i], clone[i]) for i in range(0, 400, 9))

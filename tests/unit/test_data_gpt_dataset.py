@@ -215,3 +215,15 @@ def test_rank0_builds_rank1_waits_and_loads(tmp_path):
     cache.mkdir()
     run_distributed(_two_rank_body, world_size=2, args=(str(tmp_path / "ds"), str(cache)))
     np.testing.assert_array_equal(np.load(cache / "samples0.npy"), np.load(cache / "samples1.npy"))
+
+
+def test_pickles_as_file_names(tmp_path):
+    import pickle
+
+    ds = _make_dataset(str(tmp_path / "ds"))
+    gpt = GPTDataset(ds, seq_length=8, num_samples=500, seed=4, cache_dir=tmp_path / "c")
+    blob = pickle.dumps(gpt)
+    assert len(blob) < 4000  # names and parameters, not the token or index arrays
+    clone = pickle.loads(blob)
+    assert isinstance(clone.sample_index, np.memmap) and len(clone) == 500
+    assert all(np.array_equal(gpt[i], clone[i]) for i in range(0, 500, 7))
