@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,38 +149,51 @@ def _worker_encode(task: ChunkTask) -> ChunkResult:
     return _WORKER_STATE["encoder"].encode_chunk(task, progress)  # type: ignore[no-any-return]
 
 
-def _run_in_process(
-    spec: EncodeSpec, tasks: list[ChunkTask], bar: _Progress
-) -> dict[int, ChunkResult]:
+def _run_in_process(spec: EncodeSpec, tasks: list[ChunkTask], total: int) -> dict[int, ChunkResult]:
     encoder = ChunkEncoder(spec)
     results: dict[int, ChunkResult] = {}
-    for task in tasks:
-        results[task.chunk_id] = result = encoder.encode_chunk(task, bar.add)
-        if result.error is not None:
-            break
+    bar = _Progress(total)
+    try:
+        for task in tasks:
+            results[task.chunk_id] = result = encoder.encode_chunk(task, bar.add)
+            if result.error is not None:
+                break
+    finally:
+        bar.close()
     return results
 
 
+def _pool_context() -> Any:
+    """fork when this process has no other threads (cheap start, as Megatron), else spawn."""
+    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1:
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
 def _run_pool(
-    spec: EncodeSpec, tasks: list[ChunkTask], bar: _Progress, workers: int
+    spec: EncodeSpec, tasks: list[ChunkTask], total: int, workers: int
 ) -> dict[int, ChunkResult]:
-    ctx = mp.get_context("spawn")  # no fork of a possibly threaded parent
+    ctx = _pool_context()
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     results: dict[int, ChunkResult] = {}
     seen = [0, 0]
     with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, counters)) as pool:
-        pending = {t.chunk_id: pool.apply_async(_worker_encode, (t,)) for t in tasks}
-        stop_at: int | None = None  # first failing chunk: earlier chunks still finish
-        while pending and not (stop_at is not None and min(pending) > stop_at):
-            time.sleep(0.05)
-            for cid in [c for c, r in pending.items() if r.ready()]:
-                results[cid] = pending.pop(cid).get()
-                if results[cid].error is not None:
-                    stop_at = cid if stop_at is None else min(stop_at, cid)
-            now = [counters[0].value, counters[1].value]
-            bar.add(now[0] - seen[0], now[1] - seen[1])
-            seen = now
-        pool.terminate()
+        bar = _Progress(total)  # after the fork: tqdm starts a monitor thread
+        try:
+            pending = {t.chunk_id: pool.apply_async(_worker_encode, (t,)) for t in tasks}
+            stop_at: int | None = None  # first failing chunk: earlier chunks still finish
+            while pending and not (stop_at is not None and min(pending) > stop_at):
+                time.sleep(0.05)
+                for cid in [c for c, r in pending.items() if r.ready()]:
+                    results[cid] = pending.pop(cid).get()
+                    if results[cid].error is not None:
+                        stop_at = cid if stop_at is None else min(stop_at, cid)
+                now = [counters[0].value, counters[1].value]
+                bar.add(now[0] - seen[0], now[1] - seen[1])
+                seen = now
+        finally:
+            bar.close()
+            pool.terminate()
     return results
 
 
@@ -264,17 +278,15 @@ def run_preprocess(
     tasks = [ChunkTask(i, p, lo, hi, shard_dir) for i, (p, lo, hi) in enumerate(chunks)]
     report = PreprocessReport(outputs=outputs)
     start = time.perf_counter()
-    bar = _Progress(sum(hi - lo for _, lo, hi in chunks))
+    total = sum(hi - lo for _, lo, hi in chunks)
     try:
         if workers == 1 or len(tasks) <= 1:
-            results = _run_in_process(spec, tasks, bar)
+            results = _run_in_process(spec, tasks, total)
         else:
-            results = _run_pool(spec, tasks, bar, workers)
-        bar.close()
+            results = _run_pool(spec, tasks, total, workers)
         _raise_first_error(results)
         _merge(results, shard_dir, outputs, dtype)
     finally:
-        bar.close()
         shutil.rmtree(shard_dir, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     _summarise(results, report)

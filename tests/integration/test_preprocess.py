@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from megatron_msg.data.indexed import IndexedDataset, IndexedDatasetError
+from megatron_msg.data.preprocess import _pool_context
 from megatron_msg.data.preprocess import main as preprocess_main
 from megatron_msg.data.synthetic import synthetic_documents, write_synthetic_jsonl
 from megatron_msg.data.tokenizer import build_tokenizer
@@ -48,14 +50,26 @@ def test_output_matches_tokenizer_and_is_independent_of_workers(tmp_path, sp_mod
         argv = _args(inp, tmp_path / f"w{workers}", sp_model, "--json-keys", "text", "title",
                      "--append-eod", "--workers", workers, "--chunk-size-mb", "0.02")  # fmt: skip
         assert preprocess_main(argv) == 0
+    # with another thread alive the pool is spawned instead of forked: same output
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert _pool_context().get_start_method() == "spawn"
+        assert preprocess_main([*argv[:3], str(tmp_path / "spawned"), *argv[4:]]) == 0
+    finally:
+        release.set()
+        other.join()
     err = capsys.readouterr().err
     assert "docs/s" in err and "MB/s" in err and "400 documents" in err
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model)
     records = [json.loads(line) for line in inp.read_text().splitlines()]
     for key in ("text", "title"):
-        one, two = tmp_path / f"w1_{key}_document", tmp_path / f"w2_{key}_document"
-        for ext in (".bin", ".idx"):
-            assert Path(f"{one}{ext}").read_bytes() == Path(f"{two}{ext}").read_bytes()
+        one = tmp_path / f"w1_{key}_document"
+        for other_run in ("w2", "spawned"):
+            two = tmp_path / f"{other_run}_{key}_document"
+            for ext in (".bin", ".idx"):
+                assert Path(f"{one}{ext}").read_bytes() == Path(f"{two}{ext}").read_bytes()
         ds = _read(one)
         assert ds.dtype == np.uint16 and len(ds) == 400 == ds.num_documents
         for i in (0, 1, 137, 399):
