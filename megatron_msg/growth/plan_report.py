@@ -30,6 +30,8 @@ def _memory_rows(p: StagePlan) -> list[str]:
     lay, m = p.layout, p.memory
     dtype, zero = lay["dtype"], lay["zero_stage"]
     by_mode = ", ".join(f"{k} {gib(v)}" for k, v in m.activations_by_mode.items())
+    if lay["flash_attention"]:
+        by_mode += "; fused attention keeps no s^2 scores"
     rows = [
         (f"weights ({dtype})", m.weights, ""),
         (f"grads ({dtype}{', sharded over DP' if zero >= 2 else ''})", m.grads, ""),

@@ -44,13 +44,16 @@ from typing import Any
 import yaml
 
 from megatron_msg.config import ConfigError, ModelConfig
+from megatron_msg.growth.plan_config import (
+    RECOMPUTE_MODES,
+    StageInput,
+    hostfile_slots,
+    load_stages,
+)
 from megatron_msg.growth.plan_report import GIB, format_report, gib
 from megatron_msg.model.canonical import parameter_specs
-from megatron_msg.training.config import TrainConfig
 from megatron_msg.training.metrics import forward_flops_per_token
-from megatron_msg.training.schema import build_dataclass, parse_override, set_dotted
 
-RECOMPUTE_MODES = ("none", "selective", "full")
 DEFAULT_PEAK_TFLOPS = 312.0  # A100/A800 dense bf16
 DEFAULT_MFU = 0.4
 GROWN_SIZES = ("hidden_size", "ffn_hidden_size", "num_heads", "num_layers")
@@ -59,53 +62,6 @@ FIXED_OPTIONS = (
     "vocab_size", "head_dim", "norm", "activation", "position_embedding",
     "tie_embeddings", "use_bias", "norm_eps", "rope_base",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """Planning assumptions: the ``plan:`` section of a config (``megatron-msg train`` ignores it)."""
-
-    gpus: int = 0  # 0: tp * pp * dp (or the hostfile's slots)
-    gpus_per_node: int = 8
-    gpu_memory_gb: float = 80.0  # GiB per GPU
-    peak_tflops: float = 0.0  # per GPU; 0: logging.peak_flops, else DEFAULT_PEAK_TFLOPS
-    mfu: float = 0.0  # model FLOPs utilisation; give this or hfu (else DEFAULT_MFU)
-    hfu: float = 0.0  # hardware FLOPs utilisation (counts recomputation)
-    recompute: str = "full"  # activation recomputation: none | selective | full
-    flash_attention: bool = True  # fused attention keeps no s^2 activations
-    sequence_parallel: bool = False
-    overhead_gb: float = 4.0  # CUDA context, NCCL and ZeRO bucket buffers, fragmentation
-    tokens: float = 0.0  # token budget; 0: train.steps * global batch * seq_len
-
-    def __post_init__(self) -> None:
-        if self.recompute not in RECOMPUTE_MODES:
-            raise ConfigError(
-                f"plan.recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}"
-            )
-        if self.mfu and self.hfu:
-            raise ConfigError(f"give plan.mfu ({self.mfu}) or plan.hfu ({self.hfu}), not both")
-        if not (0 <= self.mfu <= 1 and 0 <= self.hfu <= 1):
-            raise ConfigError(f"plan.mfu ({self.mfu}) and plan.hfu ({self.hfu}) must be in [0, 1]")
-        for name in (
-            "gpus",
-            "gpus_per_node",
-            "gpu_memory_gb",
-            "peak_tflops",
-            "overhead_gb",
-            "tokens",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"plan.{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass
-class StageInput:
-    """One model stage to plan: the training config, its planning assumptions, the model."""
-
-    label: str
-    train: TrainConfig
-    plan: PlanSettings
-    model: ModelConfig
 
 
 @dataclass
@@ -336,6 +292,33 @@ def _layout_checks(stage: StageInput, gpus: int) -> list[Check]:
     return [Check("ok", text) if ok else Check(level, f"needs {text}") for ok, level, text in rules]
 
 
+def deepspeed_checks(stage: StageInput, path: Path) -> list[Check]:
+    """A DeepSpeed JSON config must say what the training config says."""
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return [Check("error", f"{path}: cannot read DeepSpeed config ({err})")]
+    t = stage.train
+    expected = {
+        "train_batch_size": t.batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.batch.micro_batch_size,
+        "gradient_accumulation_steps": t.batch.grad_accum,
+        "zero_optimization.stage": t.parallel.zero_stage,
+        "bf16.enabled": t.train.dtype == "bf16",
+        "gradient_clipping": t.optimizer.clip_grad,
+    }
+    wrong = []
+    for key, want in expected.items():
+        node: Any = ds
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node != want:
+            wrong.append(f"{key} is {node!r}, the training config says {want!r}")
+    if wrong:
+        return [Check("error", f"{path.name}: {w}") for w in wrong]
+    return [Check("ok", f"{path.name} agrees with the training config")]
+
+
 def _trainer_checks(stage: StageInput, gpus: int) -> list[Check]:
     """The trainer's own validation, as warnings: it also covers what the trainer does
     not support *yet*, which a plan should show but not fail on."""
@@ -411,6 +394,8 @@ def plan_stage(stage: StageInput, *, gpus: int = 0) -> StagePlan:
             "global_batch": gbs,
             "seq_len": seq,
             "recompute": plan.recompute,
+            "flash_attention": plan.flash_attention,
+            "sequence_parallel": plan.sequence_parallel,
         },
         flops_per_token=model_flops,
         hw_flops_per_token=hw_flops,
@@ -432,6 +417,7 @@ def plan_stage(stage: StageInput, *, gpus: int = 0) -> StagePlan:
             "ok" if result.fits else "error", ("fits: " if result.fits else "DOES NOT FIT: ") + fit
         ),
         *trainer,
+        *(deepspeed_checks(stage, stage.deepspeed_config) if stage.deepspeed_config else []),
     ]
     return result
 
@@ -447,69 +433,6 @@ def plan_all(
     return plans, moves
 
 
-# ----------------------------------------------------------------------------- input
-
-
-def load_stages(path: str | Path, overrides: Sequence[str] = ()) -> list[StageInput]:
-    """Read one config: the training config plus its ``plan:`` section; one entry per model stage."""
-    raw = yaml.safe_load(Path(path).read_text())
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(raw, key, value)
-    plan = build_dataclass(PlanSettings, raw.pop("plan", None) or {}, prefix="plan.")
-    try:
-        train = TrainConfig.from_dict(raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    train = _resolve_sizes(train, plan)
-    models = train.stage_models()
-    name = Path(path).name
-    return [
-        StageInput(
-            label=name if len(models) == 1 else f"{name}[stage {i}]",
-            train=train,
-            plan=plan,
-            model=m,
-        )
-        for i, m in enumerate(models)
-    ]
-
-
-def _resolve_sizes(train: TrainConfig, plan: PlanSettings) -> TrainConfig:
-    """Derive dp and the batch the way the trainer does, without failing on other checks."""
-    p, b = train.parallel, train.batch
-    dp = p.dp or max(plan.gpus // (p.tp * p.pp), 1)
-    accum = b.grad_accum
-    if not accum:
-        per_step = b.micro_batch_size * dp
-        accum = b.global_batch_size // per_step if b.global_batch_size else 1
-    gbs = b.global_batch_size or b.micro_batch_size * accum * dp
-    return dataclasses.replace(
-        train,
-        parallel=dataclasses.replace(p, dp=dp),
-        batch=dataclasses.replace(b, grad_accum=accum, global_batch_size=gbs),
-    )
-
-
-def hostfile_slots(path: str | Path) -> int:
-    """Total ``slots=N`` of a DeepSpeed hostfile (``host slots=N`` per line, # comments)."""
-    total = 0
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        slots = [p for p in parts[1:] if p.startswith("slots=")]
-        if len(parts) != 2 or len(slots) != 1 or not slots[0][6:].isdigit():
-            raise ConfigError(f"{path}:{number}: expected 'HOST slots=N', got {line!r}")
-        total += int(slots[0][6:])
-    if total == 0:
-        raise ConfigError(f"{path}: no hosts listed")
-    return total
-
-
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="megatron-msg plan",
@@ -521,7 +444,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--hostfile", help="DeepSpeed hostfile; its slots must equal every stage's world size"
     )
+    parser.add_argument(
+        "--gpus", type=int, default=0, help="GPUs available (instead of --hostfile)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON output to FILE")
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 if any check fails (e.g. does not fit)"
     )
@@ -531,7 +458,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        gpus = hostfile_slots(args.hostfile) if args.hostfile else 0
+        gpus = hostfile_slots(args.hostfile) if args.hostfile else args.gpus
         stages = [s for path in args.configs for s in load_stages(path, args.overrides)]
     except (ConfigError, OSError, yaml.YAMLError) as err:
         print(f"megatron-msg plan: {err}", file=sys.stderr)
@@ -539,13 +466,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans, moves = plan_all(stages, gpus=gpus)
     checks = [c for p in plans for c in p.checks] + [c for g in moves for c in g.checks]
     failed = any(c.level == "error" for c in checks)
+    report = {
+        "stages": [p.to_dict() for p in plans],
+        "growth": [dataclasses.asdict(g) for g in moves],
+        "ok": not failed,
+    }
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
-        out = {
-            "stages": [p.to_dict() for p in plans],
-            "growth": [dataclasses.asdict(g) for g in moves],
-            "ok": not failed,
-        }
-        print(json.dumps(out, indent=1))
+        print(json.dumps(report, indent=1))
     else:
         print(format_report(plans, moves))
         if failed:
