@@ -111,6 +111,23 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def _mpu_of(groups: ProcessGroups) -> Any:
+    """DeepSpeed's ``mpu`` for our grid (always, so DeepSpeed never guesses a topology).
+
+    DeepSpeed keeps the last ``mpu`` in a module global (``deepspeed.utils.groups.mpu``)
+    and only overwrites it when given a new one: a second engine in the same process
+    (growth, tests) would otherwise inherit the first engine's topology.
+    """
+    from deepspeed.utils import groups as ds_groups
+
+    try:
+        mpu = groups.deepspeed_mpu()
+    except ConfigError:  # ProcessGroups.single(): no process groups at all
+        mpu = None
+    ds_groups.mpu = mpu
+    return mpu
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -124,7 +141,7 @@ class TrainEngine:
         if config.parallel.pp > 1:
             raise ConfigError(f"TrainEngine handles pp == 1, got pp={config.parallel.pp}")
         self.config, self.groups = config, groups
-        mpu = groups.deepspeed_mpu() if groups.mp_size > 1 else None
+        mpu = _mpu_of(groups)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=build_optimizer(model, config),

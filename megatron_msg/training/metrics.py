@@ -75,8 +75,8 @@ def mfu(*, tokens_per_s: float, flops_per_token: float, peak_flops: float, devic
 
 
 class JsonlLog:
-    """One JSON object per line; on resume, records past the resume step are dropped first
-    (they belong to the part of the interrupted run that is replayed)."""
+    """One JSON object per line; on resume, records after the resumed checkpoint are
+    dropped first (they belong to the part of the interrupted run that is replayed)."""
 
     def __init__(self, path: str | os.PathLike[str], *, resume_step: int | None = None) -> None:
         self.path = Path(path)
@@ -88,13 +88,15 @@ class JsonlLog:
         self._handle: TextIO = self.path.open("a")
 
     def _truncate_after(self, step: int) -> None:
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        # A checkpoint at step N is taken right after step N's record; anything else
+        # stamped N (a growth event before step N+1) happened after it and is replayed.
+        def kept(record: dict[str, Any]) -> bool:
+            at = record.get("step", 0)
+            return bool(at < step or (at == step and record.get("kind") == "step"))
+
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(line + "\n" for line in lines if kept(json.loads(line))))
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -10,7 +10,12 @@ non-finite loss skips the update and too many in a row stop the run.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,21 +117,8 @@ def _body(rank: int, world_size: int, tmp: str) -> None:
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (14, 15, 16)) / 3
     assert last < first - 0.3, losses
 
-    # ---- stopped at step 9 (mid-ramp), resumed from its checkpoint ------------------
-    part = os.path.join(tmp, "part")
-    Trainer(_config(part, "train.steps=9")).run()  # saves at 5 and 9
-    resumed = Trainer(_config(part, "train.steps=16"))
-    assert resumed.summary.resumed_from == "step_00000009" and resumed.step == 9
-    summary = resumed.run()
-    for step in range(10, 17):
-        assert summary.losses[step] == losses[step], (step, summary.losses[step], losses[step])
-    assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == [
-        "latest",
-        "step_00000015",
-        "step_00000016",
-        "zero_to_fp32.py",
-        "zero_to_torch.py",
-    ]
+    with open(os.path.join(tmp, "full_losses.json"), "w") as handle:
+        json.dump(losses, handle)
 
     # ---- non-finite loss: the update is skipped; 2 in a row stop the run -----------
     bad = Trainer(
@@ -152,5 +144,55 @@ def _body(rank: int, world_size: int, tmp: str) -> None:
     assert all(torch.equal(after.weights[n], state.weights[n]) for n in state.weights)
 
 
+# Dies by SIGKILL in the middle of saving step 9 (mid-ramp: growth at 6, ramp 4),
+# after DeepSpeed wrote its shards and before the checkpoint was published.
+_KILLED_DURING_SAVE = """
+import os, signal, sys
+from megatron_msg.training import checkpoint
+publish = checkpoint._publish
+def dying_publish(root, tmp_dir, tag):
+    if tag == "step_00000009":
+        os.kill(os.getpid(), signal.SIGKILL)
+    publish(root, tmp_dir, tag)
+checkpoint._publish = dying_publish
+from megatron_msg.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_cli(code: str | None, run_dir: Path) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    args = [*TINY, f"train.run_dir={run_dir}", "train.steps=16", "checkpoint.interval=3"]
+    command = (
+        [sys.executable, "-c", code, *args]
+        if code
+        else [sys.executable, "-m", "megatron_msg.train", *args]
+    )
+    return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+
+
 def test_train_growth_resume_and_nonfinite(tmp_path):
     run_distributed(_body, world_size=1, args=(str(tmp_path),), timeout=400)
+    full = {int(k): v for k, v in json.loads((tmp_path / "full_losses.json").read_text()).items()}
+
+    run_dir = tmp_path / "killed"
+    killed = _train_cli(_KILLED_DURING_SAVE, run_dir)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000006"
+    assert (checkpoints / ".tmp-step_00000009").is_dir()  # the interrupted save, never published
+
+    resumed = _train_cli(None, run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if r["kind"] == "step"}
+    assert sorted(losses) == list(range(1, 17))  # the replayed steps 7-9 logged once
+    assert losses == full  # bitwise: steps 1-6 before the kill, 7-16 after the resume
+    assert [r["step"] for r in records if r["kind"] == "growth"] == [6, 12]
+    assert sorted(p.name for p in checkpoints.iterdir() if "step" in p.name) == [
+        "step_00000015",
+        "step_00000016",
+    ]

@@ -58,6 +58,8 @@ def test_jsonl_resume_drops_replayed_records(tmp_path):
     log = JsonlLog(path)
     for step in range(1, 6):
         log.write({"kind": "step", "step": step, "loss": 1.0 / step})
+        if step == 3:  # a growth event after step 3, i.e. after a checkpoint at step 3
+            log.write({"kind": "growth", "step": 3})
     log.close()
     log = JsonlLog(path, resume_step=3)
     log.write({"kind": "step", "step": 4, "loss": 0.0})
