@@ -10,6 +10,7 @@ shards). The result loads with ``AutoModelForCausalLM.from_pretrained(DIR)``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -39,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if os.path.exists(args.out) and not args.overwrite:
+        print(
+            f"megatron-msg export: error: {args.out} exists; pass --overwrite to replace it",
+            file=sys.stderr,
+        )
+        return 1
     try:
         report = export_hf(
             load=args.load,

@@ -56,6 +56,7 @@ def export_hf(
     """Write the model of canonical checkpoint ``load`` to ``out`` (see the module docstring)."""
     if Path(out).resolve() == Path(load).resolve():
         raise ExportError(f"--out ({out}) must not be the checkpoint being exported")
+    _refuse_training_checkpoint(Path(load))
     with CanonicalReader(load) as reader:
         meta = reader.meta
         config = meta.model
@@ -64,7 +65,14 @@ def export_hf(
         folded = foldable_masks(masks, masks_meta=meta.masks, step=meta.step)
         tok = _tokenizer(tokenizer_model, tokenizer_type, config.vocab_size)
         special = tok.special if tok is not None else SpecialIds()
-        hf = hf_config(config, family, special=special)
+        try:
+            hf = hf_config(config, family, special=special)
+        except ImportError:
+            raise
+        except Exception as err:  # transformers' own (strict dataclass) validation
+            raise ExportError(
+                f"transformers rejects the {family.architecture} config: {err}"
+            ) from err
         hf.dtype = str(dtype).removeprefix("torch.")
         count = 0
         with HFCheckpointWriter(
@@ -75,6 +83,7 @@ def export_hf(
                 count += 1
             _write_config(hf, writer.tmp)
             if tok is not None:
+                tok.tokenizer.model_max_length = config.max_seq_len
                 save_hf_tokenizer(tok, writer.tmp)
             provenance = {
                 "source": str(Path(load).resolve()),
@@ -88,6 +97,19 @@ def export_hf(
             (writer.tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
             path = writer.finalize()
     return ExportReport(path, family, count, tuple(folded), tok is not None)
+
+
+def _refuse_training_checkpoint(path: Path) -> None:
+    """A training run's DeepSpeed checkpoint is not canonical; say so instead of "no meta.json"."""
+    if (path / "meta.json").exists():
+        return
+    markers = [m for m in ("latest", "msg_meta.json") if (path / m).exists()]
+    if markers:
+        raise ExportError(
+            f"{path} is a training checkpoint (DeepSpeed's native layout: {', '.join(markers)}), "
+            "not a canonical checkpoint; export reads canonical checkpoints only "
+            "(meta.json + index.json + safetensors shards)"
+        )
 
 
 def _tokenizer(model_file: str | None, tokenizer_type: str, vocab_size: int) -> HFTokenizer | None:

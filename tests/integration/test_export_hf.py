@@ -282,3 +282,13 @@ def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path: Path, spm_mo
     ):
         export_hf(load=ckpt, out=tmp_path / "hf", tokenizer_model=spm_models["bpe"])
     assert not (tmp_path / "hf").exists()
+
+
+def test_training_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    run = tmp_path / "checkpoints"
+    (run / "step_00000010").mkdir(parents=True)
+    (run / "latest").write_text("step_00000010\n")
+    with pytest.raises(
+        ExportError, match=r"is a training checkpoint .*latest.*canonical checkpoints only"
+    ):
+        export_hf(load=run, out=tmp_path / "hf")
