@@ -2,8 +2,8 @@
 
 Each CONFIG is a training config (``megatron_msg.training.config``; the same
 YAML that ``megatron-msg train`` reads) with an optional ``plan:`` section of
-planning assumptions (:class:`PlanSettings`: GPU memory, peak FLOP/s,
-utilisation, recomputation, ...). A config with in-run ``growth:`` stages is
+planning assumptions (``plan_config.PlanSettings``: GPU memory, peak FLOP/s,
+utilisation, recomputation, ...; ``plan_report`` formats the output). A config with in-run ``growth:`` stages is
 planned once per stage model. Consecutive configs on the command line are
 treated as offline growth steps (the FLM-101B workflow), for which the bytes
 the grow tool reads and writes are reported.
