@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from megatron_msg.checkpoint.canonical import CanonicalReader
+from megatron_msg.config import ModelConfig
 from megatron_msg.export.files import DEFAULT_SHARD_BYTES, HFCheckpointWriter
 from megatron_msg.export.finished import foldable_masks
 from megatron_msg.export.hf import (
@@ -65,15 +66,7 @@ def export_hf(
         folded = foldable_masks(masks, masks_meta=meta.masks, step=meta.step)
         tok = _tokenizer(tokenizer_model, tokenizer_type, config.vocab_size)
         special = tok.special if tok is not None else SpecialIds()
-        try:
-            hf = hf_config(config, family, special=special)
-        except ImportError:
-            raise
-        except Exception as err:  # transformers' own (strict dataclass) validation
-            raise ExportError(
-                f"transformers rejects the {family.architecture} config: {err}"
-            ) from err
-        hf.dtype = str(dtype).removeprefix("torch.")
+        hf = _checked_config(config, family, special=special, dtype=dtype)
         count = 0
         with HFCheckpointWriter(
             out, dtype=dtype, shard_bytes=shard_bytes, overwrite=overwrite
@@ -97,6 +90,19 @@ def export_hf(
             (writer.tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
             path = writer.finalize()
     return ExportReport(path, family, count, tuple(folded), tok is not None)
+
+
+def _checked_config(
+    config: ModelConfig, family: Family, *, special: SpecialIds, dtype: torch.dtype
+) -> Any:
+    try:
+        hf = hf_config(config, family, special=special)
+    except ImportError:
+        raise
+    except Exception as err:  # transformers' own (strict dataclass) validation
+        raise ExportError(f"transformers rejects the {family.architecture} config: {err}") from err
+    hf.dtype = str(dtype).removeprefix("torch.")  # what from_pretrained loads by default
+    return hf
 
 
 def _refuse_training_checkpoint(path: Path) -> None:
