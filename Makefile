@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
 	# No build isolation: the extensions compile against the torch in this venv,
 	# and an isolated build env would download a second (CUDA) torch.
-	$(PIP) install -q --no-build-isolation -e '.[dev,bench,interop]'
+	$(PIP) install -q --no-build-isolation -e '.[dev,bench,interop,export]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
