@@ -25,7 +25,7 @@ dimension; ``TensorMap.index`` is that block.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +40,7 @@ __all__ = [
     "DEPTH_STRATEGIES",
     "INIT_SCHEMES",
     "GrowthMaps",
+    "GrowthPlan",
     "GrowthResult",
     "InitFn",
     "LayerMap",
@@ -47,6 +48,7 @@ __all__ = [
     "carry_over",
     "grow",
     "is_mask_name",
+    "plan_growth",
 ]
 
 DepthStrategy = Literal["stack", "interleave", "random"]
@@ -126,6 +128,52 @@ class GrowthResult:
     maps: GrowthMaps
 
 
+@dataclass(frozen=True)
+class GrowthPlan:
+    """What :func:`plan_growth` decided, and the rules that build each grown tensor."""
+
+    old_config: ModelConfig
+    new_config: ModelConfig
+    maps: GrowthMaps
+    init: str | InitFn
+    seed: int
+
+    def build(self, name: str, source: torch.Tensor | None, *, dtype: torch.dtype) -> torch.Tensor:
+        """Grown tensor ``name`` from ``source``, the old tensor ``maps.tensors[name].source``
+        names (None when that is None). ``dtype``: the old parameters' dtype, used
+        for freshly drawn values. Returns a new tensor; ``source`` is not modified."""
+        tmap = self.maps.tensors[name]
+        if (source is None) != (tmap.source is None):
+            raise ValueError(f"{name}: the map's source is {tmap.source!r}, got source={source!r}")
+        if source is not None and tuple(source.shape) != tmap.old_shape:
+            raise ValueError(
+                f"{name}: source {tmap.source} has shape {tuple(source.shape)}, "
+                f"the growth plan expects {tmap.old_shape}"
+            )
+        if is_mask_name(name):
+            return _build_mask(name, tmap, source, self.old_config)
+        if source is None:
+            return self._draw(name, tmap.new_shape, dtype)
+        old = source.detach()
+        if tmap.old_shape == tmap.new_shape:
+            return old.clone()
+        out = self._draw(name, tmap.new_shape, dtype).to(old.dtype)
+        out[tmap.index] = old
+        return out
+
+    def _draw(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if not callable(self.init):
+            # The model's own rule (and seed derivation), so a grown unit is
+            # drawn exactly like the same unit of a freshly initialised model.
+            return init_canonical_tensor(name, self.new_config, seed=self.seed, dtype=dtype)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, name))
+        values = self.init(name, shape, generator)
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != shape:
+            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)
+            raise ValueError(f"init returned {got} for {name}, expected a tensor of shape {shape}")
+        return values.to(dtype)
+
+
 def is_mask_name(name: str) -> bool:
     """Masks are buffers: they are in the canonical state but have no optimizer state."""
     return name.startswith("masks.") or ".masks." in name
@@ -156,16 +204,56 @@ def grow(
     ``tp_size``: the tensor-parallel size the grown model must fit.
 
     All checks run before anything is built; the input is never modified and
-    the result never aliases it.
+    the result never aliases it. This is :func:`plan_growth` followed by
+    :meth:`GrowthPlan.build` for every tensor (a streaming caller does the same
+    one tensor at a time).
     """
-    _validate(state, old_config, new_config, init, depth_strategy, seed, tp_size)
-    plan = _layer_plan(old_config.num_layers, new_config.num_layers, depth_strategy)
-    builder = _Builder(state, old_config, new_config, init, seed)
-    for name in _global_names(state):
-        builder.grow_global(name)
-    for index, layer in enumerate(plan):
-        builder.grow_layer(index, layer)
-    return GrowthResult(state=builder.state, maps=GrowthMaps(builder.maps, plan))
+    bad = sorted(n for n, t in state.items() if not isinstance(t, torch.Tensor))
+    if bad:
+        raise ConfigError(f"state values must be tensors; not tensors: {bad[:8]}")
+    plan = plan_growth(
+        {name: tuple(t.shape) for name, t in state.items()},
+        old_config,
+        new_config,
+        init=init,
+        depth_strategy=depth_strategy,
+        seed=seed,
+        tp_size=tp_size,
+    )
+    dtype = state["embed.word.weight"].dtype
+    grown = {
+        name: plan.build(name, None if m.source is None else state[m.source], dtype=dtype)
+        for name, m in plan.maps.tensors.items()
+    }
+    return GrowthResult(state=grown, maps=plan.maps)
+
+
+def plan_growth(
+    shapes: Mapping[str, Sequence[int]],
+    old_config: ModelConfig,
+    new_config: ModelConfig,
+    *,
+    init: str | InitFn = "normal",
+    depth_strategy: str = "stack",
+    seed: int = 0,
+    tp_size: int = 1,
+) -> GrowthPlan:
+    """Everything :func:`grow` decides, from the old tensors' *shapes* alone.
+
+    ``shapes`` maps every canonical name of the old state (parameters and
+    unfolded masks) to its shape; the arguments are those of :func:`grow` and
+    are checked the same way. The result's ``maps`` lists every tensor of the
+    grown state in order; :meth:`GrowthPlan.build` makes one of them from its
+    source, so a checkpoint can be grown one tensor at a time.
+    """
+    _validate(shapes, old_config, new_config, init, depth_strategy, seed, tp_size)
+    layers = _layer_plan(old_config.num_layers, new_config.num_layers, depth_strategy)
+    mapper = _Mapper(shapes, old_config, new_config)
+    for name in _global_names(shapes):
+        mapper.map_global(name)
+    for index, layer in enumerate(layers):
+        mapper.map_layer(index, layer)
+    return GrowthPlan(old_config, new_config, GrowthMaps(mapper.maps, layers), init, seed)
 
 
 def carry_over(
@@ -225,7 +313,7 @@ def _check_carry_inputs(
 
 
 def _validate(
-    state: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, Sequence[int]],
     old: ModelConfig,
     new: ModelConfig,
     init: object,
@@ -250,7 +338,7 @@ def _validate(
         raise ConfigError(f"tp_size must be a positive integer, got {tp_size!r}")
     _check_configs(old, new)
     new.validate(tp_size=tp_size)
-    _check_state(state, old)
+    _check_shapes(shapes, old)
 
 
 def _check_configs(old: ModelConfig, new: ModelConfig) -> None:
@@ -274,11 +362,9 @@ def _check_configs(old: ModelConfig, new: ModelConfig) -> None:
         raise ConfigError(f"growth cannot shrink the model: {', '.join(shrunk)}")
 
 
-def _check_state(state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
-    bad = sorted(n for n, t in state.items() if not isinstance(t, torch.Tensor))
-    if bad:
-        raise ConfigError(f"state values must be tensors; not tensors: {bad[:8]}")
-    validate_canonical(state, config)
+def _check_shapes(shapes: Mapping[str, Sequence[int]], config: ModelConfig) -> None:
+    # Meta tensors: the canonical-table check without touching any data.
+    validate_canonical({n: torch.empty(tuple(s), device="meta") for n, s in shapes.items()}, config)
 
 
 # ------------------------------------------------------------------ building
@@ -300,10 +386,10 @@ def _layer_plan(old_layers: int, new_layers: int, strategy: str) -> tuple[LayerM
     return tuple(plan)
 
 
-def _global_names(state: Mapping[str, torch.Tensor]) -> list[str]:
-    names = [name for name in state if _LAYER_RE.match(name) is None]
+def _global_names(shapes: Mapping[str, Sequence[int]]) -> list[str]:
+    names = [name for name in shapes if _LAYER_RE.match(name) is None]
     if "masks.hidden" not in names:
-        names.append("masks.hidden")  # grow_global drops it again if still all ones
+        names.append("masks.hidden")  # map_global drops it again if still all ones
     return names
 
 
@@ -312,97 +398,85 @@ def _local_param_names(config: ModelConfig) -> list[str]:
     return [name.split(".", 2)[2] for name in layer_parameter_specs(config, 0)]
 
 
-class _Builder:
-    """Builds the grown state tensor by tensor and records a TensorMap for each."""
+def _mask_sizes(config: ModelConfig) -> dict[str, int]:
+    return {
+        "hidden": config.hidden_size,
+        "heads": config.num_heads,
+        "ffn": config.ffn_hidden_size,
+    }
+
+
+class _Mapper:
+    """Decides, from shapes, every tensor of the grown state and where its old entries are."""
 
     def __init__(
-        self,
-        state: Mapping[str, torch.Tensor],
-        old: ModelConfig,
-        new: ModelConfig,
-        init: str | InitFn,
-        seed: int,
+        self, shapes: Mapping[str, Sequence[int]], old: ModelConfig, new: ModelConfig
     ) -> None:
-        self.old_state, self.old, self.new = state, old, new
-        self.init, self.seed = init, seed
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.old, self.new = old, new
         self.new_specs = canonical_specs(new)
-        self.dtype = state["embed.word.weight"].dtype
-        self.state: dict[str, torch.Tensor] = {}
         self.maps: dict[str, TensorMap] = {}
 
-    def grow_global(self, name: str) -> None:
+    def map_global(self, name: str) -> None:
         if name == "masks.hidden":
-            self._mask(name, name, self.old.hidden_size, self.new.hidden_size)
+            self._mask(name, name, "hidden")
         else:
             self._param(name, name)
 
-    def grow_layer(self, index: int, layer: LayerMap) -> None:
+    def map_layer(self, index: int, layer: LayerMap) -> None:
         prefix = f"layers.{index}."
         if layer.source is None:
             # A fresh layer runs fully (heads and FFN masks folded); its depth mask hides it.
             for name, spec in layer_parameter_specs(self.new, index).items():
-                self._put(name, self._draw(name, spec.shape), None)
-            self._put(prefix + "masks.depth", torch.zeros(()), None)
+                self._put(name, None, spec.shape)
+            self._put(prefix + "masks.depth", None, ())
             return
         src = f"layers.{layer.source}."
         for local in _local_param_names(self.old):
             self._param(prefix + local, src + local)
-        old, new = self.old, self.new
-        self._mask(prefix + "masks.heads", src + "masks.heads", old.num_heads, new.num_heads)
-        self._mask(
-            prefix + "masks.ffn", src + "masks.ffn", old.ffn_hidden_size, new.ffn_hidden_size
-        )
+        self._mask(prefix + "masks.heads", src + "masks.heads", "heads")
+        self._mask(prefix + "masks.ffn", src + "masks.ffn", "ffn")
         depth = src + "masks.depth"
         if layer.is_new:
-            self._put(prefix + "masks.depth", torch.zeros(()), None)
-        elif depth in self.old_state:
-            self._put(prefix + "masks.depth", self.old_state[depth].detach().clone(), depth)
+            self._put(prefix + "masks.depth", None, ())
+        elif depth in self.shapes:
+            self._put(prefix + "masks.depth", depth, (), old_shape=())
 
     def _param(self, name: str, source: str) -> None:
-        old = self.old_state[source].detach()
-        new_shape = self.new_specs[name].shape
-        if tuple(old.shape) == new_shape:
-            out = old.clone()
-        else:
-            out = self._draw(name, new_shape).to(old.dtype)
-            out[tuple(slice(0, size) for size in old.shape)] = old
-        self._put(name, out, source, old_shape=tuple(old.shape))
+        old_shape = self.shapes[source]
+        self._put(name, source, self.new_specs[name].shape, old_shape=old_shape)
 
-    def _mask(self, name: str, source: str, old_size: int, new_size: int) -> None:
-        old = self.old_state.get(source)
-        if new_size == old_size:
-            if old is not None:
-                self._put(name, old.detach().clone(), source)
+    def _mask(self, name: str, source: str, kind: str) -> None:
+        old_size, new_size = _mask_sizes(self.old)[kind], _mask_sizes(self.new)[kind]
+        present = source in self.shapes
+        if new_size == old_size and not present:
             return  # a folded mask stays folded
-        # Masks live in fp32 (exact ramp values) unless the old one says otherwise.
-        kept = old.detach().clone() if old is not None else torch.ones(old_size)
-        out = torch.cat([kept, torch.zeros(new_size - old_size, dtype=kept.dtype)])
-        self._put(name, out, source if old is not None else None, old_shape=(old_size,))
+        self._put(name, source if present else None, (new_size,), old_shape=(old_size,))
 
     def _put(
         self,
         name: str,
-        tensor: torch.Tensor,
         source: str | None,
+        new_shape: tuple[int, ...],
         *,
-        old_shape: tuple[int, ...] | None = None,
+        old_shape: tuple[int, ...] = (),
     ) -> None:
-        new_shape = tuple(tensor.shape)
-        old_shape = new_shape if old_shape is None else old_shape
-        ranges: tuple[tuple[int, int], ...] = tuple((0, size) for size in old_shape)
         if source is None:
-            old_shape, ranges = (), ()
-        self.state[name] = tensor
-        self.maps[name] = TensorMap(source, old_shape, new_shape, ranges)
+            self.maps[name] = TensorMap(None, (), new_shape, ())
+        else:
+            ranges = tuple((0, size) for size in old_shape)
+            self.maps[name] = TensorMap(source, old_shape, new_shape, ranges)
 
-    def _draw(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if not callable(self.init):
-            # The model's own rule (and seed derivation), so a grown unit is
-            # drawn exactly like the same unit of a freshly initialised model.
-            return init_canonical_tensor(name, self.new, seed=self.seed, dtype=self.dtype)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, name))
-        values = self.init(name, shape, generator)
-        if not isinstance(values, torch.Tensor) or tuple(values.shape) != shape:
-            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)
-            raise ValueError(f"init returned {got} for {name}, expected a tensor of shape {shape}")
-        return values.to(self.dtype)
+
+def _build_mask(
+    name: str, tmap: TensorMap, source: torch.Tensor | None, old: ModelConfig
+) -> torch.Tensor:
+    if source is not None and tmap.old_shape == tmap.new_shape:
+        return source.detach().clone()
+    if source is None and not tmap.new_shape:
+        return torch.zeros(())  # the depth mask of a new layer
+    # Masks live in fp32 (exact ramp values) unless the old one says otherwise;
+    # a folded (absent) old mask was all ones.
+    kind = name.rpartition(".")[2]
+    kept = source.detach().clone() if source is not None else torch.ones(_mask_sizes(old)[kind])
+    return torch.cat([kept, torch.zeros(tmap.new_shape[0] - kept.shape[0], dtype=kept.dtype)])
