@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_msg.growth.planner",
         "parameters, FLOPs, memory per GPU, time and growth I/O of stage configs",
     ),
+    "grow": (
+        "megatron_msg.growth.grow_tool",
+        "grow a canonical checkpoint (weights, Adam state) into the next stage's shape",
+    ),
 }
 
 
