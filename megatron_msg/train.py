@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed()
         summary = train(config)
     except (ConfigError, TrainingError) as err:
-        print(f"megatron-msg train: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank hits it; say it once
+            print(f"megatron-msg train: {err}", file=sys.stderr)
         return 1
-    if summary.losses:
+    if summary.losses and os.environ.get("RANK", "0") == "0":
         last = max(summary.losses)
         print(
             f"done: step {last}, loss {summary.losses[last]:.4f}, checkpoint {summary.last_checkpoint}"

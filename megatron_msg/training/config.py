@@ -84,7 +84,7 @@ class GrowthStage:
     ramp_steps: int = 100
     init: str = "normal"
     depth_strategy: str = "stack"
-    moment_policy: str = "mean_sq"
+    moment_policy: str = "zero"  # or "mean_sq"; see training/grow.py
 
 
 @dataclass

@@ -3,16 +3,21 @@
 Old entries keep their fp32 master weights, Adam moments and Adam step exactly;
 new entries get the operator's init and a *moment policy*:
 
-- ``zero`` (the MSG reference code): exp_avg = exp_avg_sq = 0. Adam's bias
-  correction uses the tensor's old step count t, so for a new entry the first
-  update is (1-b1) g / sqrt((1-b2) g^2) = (1-b1)/sqrt(1-b2) lr-sized whatever
-  the size of g (3.2 lr at b2 = 0.999): a new unit behind a mask near 0 has a
-  tiny gradient yet takes full-size, noise-driven steps.
-- ``mean_sq`` (default): exp_avg = 0, exp_avg_sq = the mean exp_avg_sq of the
-  tensor's old entries (of the same kind of tensor in other layers for a
-  brand-new tensor). The first updates are then g / sqrt(mean v): proportional
-  to the gradient, as they would be for an old entry, so new units move
-  slowly while their masks are small and Adam adapts from there.
+- ``zero`` (default; the MSG reference code): exp_avg = exp_avg_sq = 0. Adam's
+  bias correction uses the tensor's old step count t, so a new entry's first
+  update is (1-b1)/sqrt(1-b2) lr-sized whatever the size of its gradient
+  (3.2 lr at b2 = 0.999, 0.45 lr at b2 = 0.95): a unit behind a mask near 0
+  has a tiny gradient yet takes full-size, sign-driven steps.
+- ``mean_sq``: exp_avg = 0, exp_avg_sq = the mean exp_avg_sq of the tensor's
+  old entries (of the same tensor in the other layers for a brand-new one), so
+  the first updates are g / sqrt(mean v): proportional to the gradient, as for
+  an old entry. New units then move slowly while their masks are small.
+
+Measured on the tiny CPU example (examples/tiny_cpu, width + heads growth at
+step 60 of 110, ramp 20, no LR rewind; 3 runs over two seeds and b2 in
+{0.95, 0.999}), ``zero`` reached a 1.7-2.6% lower mean loss over steps 81-110
+than ``mean_sq``; the bounded first steps cost more than the large ones do, so
+``zero`` stays the default until a larger benchmark says otherwise.
 """
 
 from __future__ import annotations

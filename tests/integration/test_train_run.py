@@ -44,6 +44,7 @@ TINY = [
     "growth.0.ffn_hidden_size=96",
     "growth.0.num_heads=3",
     "growth.0.ramp_steps=4",
+    "growth.0.moment_policy=mean_sq",
     "growth.1.start_step=12",
     "growth.1.num_layers=3",
     "growth.1.ramp_steps=3",
@@ -65,13 +66,15 @@ def _leading(tensor, shape):
     return tensor[tuple(slice(0, s) for s in shape)]
 
 
-def _check_growth_keeps_old_state(trainer, *, layer_map: dict[int, int] | None = None) -> dict:
-    """Grow at the current step; old entries of every tensor must be bitwise unchanged."""
+def _check_growth_keeps_old_state(trainer) -> dict:
+    """Grow at the current step: old entries of every tensor must be bitwise unchanged,
+    new moment entries must follow the stage's moment policy."""
     import torch
 
     before = trainer.engine.get_state()
     event = trainer.maybe_grow()
     assert event is not None
+    policy = trainer.config.growth[event["stage"] - 1].moment_policy
     after = trainer.engine.get_state()
     assert after.step == before.step > 0
     rel = abs(event["loss_after"] - event["loss_before"]) / event["loss_before"]
@@ -80,13 +83,50 @@ def _check_growth_keeps_old_state(trainer, *, layer_map: dict[int, int] | None =
         old, new = getattr(before, part), getattr(after, part)
         for name, value in old.items():
             assert torch.equal(_leading(new[name], value.shape), value), (part, name)
-            if part == "exp_avg_sq" and new[name].shape != value.shape:
-                # mean_sq policy: new entries start at the mean of the old ones, not 0
-                grown = new[name].clone()
-                grown[tuple(slice(0, s) for s in value.shape)] = -1
-                fresh = grown[grown >= 0]
-                assert fresh.numel() > 0 and bool((fresh > 0).all()), name
+            if part != "weights" and new[name].shape != value.shape:
+                fresh = torch.ones_like(new[name], dtype=torch.bool)
+                fresh[tuple(slice(0, s) for s in value.shape)] = False
+                entries = new[name][fresh]
+                if part == "exp_avg_sq" and policy == "mean_sq":
+                    assert bool((entries > 0).all()), name  # the mean of the old entries
+                else:
+                    assert bool((entries == 0).all()), (part, name)
     return event
+
+
+def _write_indexed(prefix: str, *, seed: int, documents: int) -> None:
+    """Arithmetic token documents of random length, as a Megatron .bin/.idx pair."""
+    import numpy as np
+
+    from megatron_msg.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetWriter(prefix, dtype=np.uint16) as writer:
+        for _ in range(documents):
+            start, stride, length = rng.integers(64), rng.integers(1, 4), rng.integers(8, 40)
+            writer.add_document((start + stride * np.arange(length)) % 64)
+
+
+def _indexed_run(tmp: str) -> None:
+    """The same loop on a blend of two indexed datasets (the real data path)."""
+    from megatron_msg.training.loop import Trainer
+
+    prefixes = [os.path.join(tmp, "data", name) for name in ("a", "b")]
+    for seed, prefix in enumerate(prefixes):
+        _write_indexed(prefix, seed=seed, documents=200)
+    overrides = [
+        "data.source=indexed",
+        f"data.prefixes=[{prefixes[0]}, {prefixes[1]}]",
+        "data.weights=[0.7, 0.3]",
+        "data.split=98,2,0",
+        "growth=[]",
+        "train.steps=6",
+        "checkpoint.interval=0",
+    ]
+    trainer = Trainer(_config(os.path.join(tmp, "indexed"), *overrides))
+    summary = trainer.run()
+    assert type(trainer.dataset).__name__ == "BlendedDataset"
+    assert summary.losses[6] < summary.losses[1] - 0.1, summary.losses
 
 
 def _body(rank: int, world_size: int, tmp: str) -> None:
@@ -142,6 +182,8 @@ def _body(rank: int, world_size: int, tmp: str) -> None:
     after = bad.engine.get_state()
     assert after.step == state.step == 1
     assert all(torch.equal(after.weights[n], state.weights[n]) for n in state.weights)
+
+    _indexed_run(tmp)
 
 
 # Dies by SIGKILL in the middle of saving step 9 (mid-ramp: growth at 6, ramp 4),
