@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_msg.config import ConfigError
 from megatron_msg.growth.masks import MaskRamp
 from megatron_msg.model import GPTModel
 from megatron_msg.parallel.groups import ProcessGroups
@@ -106,6 +107,7 @@ class Trainer:
     def _resume(self, tag: str) -> TrainEngine:
         directory = self.config.checkpoint_dir
         run = ckpt.load_run_state(directory, tag)
+        _check_resumable(self.config, run, tag)
         engine = self._new_engine(run.stage, init_seed=None)
         if run.ramp is not None:
             self.ramp = MaskRamp.from_state_dict(run.ramp)
@@ -331,6 +333,32 @@ class Trainer:
         self.tensorboard.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _check_resumable(config: TrainConfig, run: ckpt.RunState, tag: str) -> None:
+    """The checkpoint's shape and data position must mean the same under this config."""
+    models = config.stage_models()
+    if run.stage >= len(models):
+        raise ConfigError(
+            f"checkpoint {tag} is at growth stage {run.stage} but the config has only "
+            f"{len(models) - 1} growth stage(s)"
+        )
+    shape = ("hidden_size", "ffn_hidden_size", "num_heads", "num_layers")
+    saved = tuple(
+        getattr(TrainConfig.from_dict(run.config).stage_models()[run.stage], k) for k in shape
+    )
+    expected = tuple(getattr(models[run.stage], k) for k in shape)
+    if saved != expected:
+        raise ConfigError(
+            f"checkpoint {tag} holds growth stage {run.stage} of shape (hidden, ffn, heads, "
+            f"layers) {saved} but this config's stage {run.stage} is {expected}"
+        )
+    batch = config.batch.global_batch_size
+    if run.consumed_samples != run.step * batch:
+        raise ConfigError(
+            f"checkpoint {tag} consumed {run.consumed_samples} samples in {run.step} steps, "
+            f"which does not match batch.global_batch_size ({batch})"
+        )
 
 
 def _stage_config(config: TrainConfig, stage: int) -> TrainConfig:

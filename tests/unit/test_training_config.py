@@ -175,3 +175,29 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(path).resolve(world_size=1)
     assert again == config
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_resume_rejects_a_changed_schedule_or_batch():
+    from megatron_msg.training.checkpoint import RunState
+    from megatron_msg.training.loop import _check_resumable
+
+    saved = _resolve("growth.0.start_step=10", "growth.0.num_layers=4", "batch.micro_batch_size=2")
+    run = RunState(step=12, stage=1, consumed_samples=24, lr={}, ramp=None, config=saved.to_dict())
+    _check_resumable(saved, run, "step_00000012")
+    changed = _resolve(
+        "growth.0.start_step=10", "growth.0.num_layers=3", "batch.micro_batch_size=2"
+    )
+    with pytest.raises(
+        ConfigError, match=r"\(64, 128, 2, 4\) but this config's stage 1 is \(64, 128, 2, 3\)"
+    ):
+        _check_resumable(changed, run, "step_00000012")
+    rebatched = _resolve(
+        "growth.0.start_step=10", "growth.0.num_layers=4", "batch.micro_batch_size=4"
+    )
+    with pytest.raises(
+        ConfigError, match=r"consumed 24 samples in 12 steps.*global_batch_size \(4\)"
+    ):
+        _check_resumable(rebatched, run, "step_00000012")
+    shrunk = _resolve("batch.micro_batch_size=2")
+    with pytest.raises(ConfigError, match="growth stage 1 but the config has only 0"):
+        _check_resumable(shrunk, run, "step_00000012")
