@@ -18,6 +18,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("megatron_msg.data.train_tokenizer", "train a SentencePiece model"),
     "plot": ("megatron_msg.plot", "draw a run's loss against steps and wall time (PNG)"),
     "export": ("megatron_msg.export.cli", "write a finished model as a Hugging Face checkpoint"),
+    "convert": (
+        "megatron_msg.checkpoint.convert_cli",
+        "write a training (DeepSpeed) checkpoint as a topology-free canonical checkpoint",
+    ),
     "plan": (
         "megatron_msg.growth.planner",
         "parameters, FLOPs, memory per GPU, time and growth I/O of stage configs",
