@@ -19,6 +19,7 @@ import datetime
 import json
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_msg.data import gpt_dataset as gd
+from megatron_msg.data.blended import build_blending_indices_cpp, build_blending_indices_python
 from megatron_msg.data.indexed import IndexedDatasetWriter, best_dtype
 from megatron_msg.data.preprocess import run_preprocess
 from megatron_msg.data.synthetic import write_synthetic_jsonl
@@ -102,47 +104,62 @@ def parallel_writers(inp: str, out: str, tok: dict, workers: int) -> int:
     return report.tokens
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the pool workers)."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _run_case(tmp: str, inp: str, tok: dict, reps: int, worker_counts: list[int]) -> dict:
     times: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[tuple[str, int], list[float]] = {}
     writer_cpu: list[float] = []
     tokens = 0
     for rep in range(reps):
         for w in worker_counts:
             for name in ("B", "A"):
                 out = os.path.join(tmp, f"{name}{w}")
-                start = time.perf_counter()
+                start, cpu0 = time.perf_counter(), _cpu_seconds()
                 if name == "A":
                     tokens = parallel_writers(inp, out, tok, w)
                     out += "_text_document"
                 else:
                     writer_cpu.append(single_writer(inp, out, tok, w))
                 times.setdefault((name, w), []).append(time.perf_counter() - start)
+                cpu.setdefault((name, w), []).append(_cpu_seconds() - cpu0)
                 print(f"rep {rep} {name} workers={w}: {times[(name, w)][-1]:.2f}s", file=sys.stderr)
             for ext in (".bin", ".idx"):  # both pipelines wrote the same dataset
                 a = Path(os.path.join(tmp, f"A{w}_text_document{ext}")).read_bytes()
                 b = Path(os.path.join(tmp, f"B{w}{ext}")).read_bytes()
                 assert a == b, f"outputs differ ({ext})"
-    return {"times": times, "tokens": tokens, "writer_cpu": statistics.median(writer_cpu)}
+    return {
+        "times": times, "cpu": cpu, "tokens": tokens, "writer_cpu": statistics.median(writer_cpu)
+    }  # fmt: skip
 
 
 def _table(label: str, size: int, docs: int, res: dict, worker_counts: list[int]) -> list[str]:
-    tokens, times = res["tokens"], res["times"]
-    cap = size / 1e6 / res["writer_cpu"]
+    tokens, times, cpu = res["tokens"], res["times"], res["cpu"]
+    mb = size / 1e6
+    cap = mb / res["writer_cpu"]
     lines = [
         "",
-        f"{label}: {size / 1e6:.1f} MB jsonl, {docs:,} documents, {tokens:,} tokens. "
-        f"Megatron's writer process alone needs {res['writer_cpu']:.1f} CPU s for this corpus, "
-        f"capping the single-writer design at ~{cap:.0f} MB/s whatever the worker count.",
+        f"{label}: {mb:.1f} MB jsonl, {docs:,} documents, {tokens:,} tokens. Megatron's "
+        f"writer process alone needs {res['writer_cpu']:.1f} CPU s for this corpus, capping "
+        f"the single-writer design at ~{cap:.0f} MB/s whatever the worker count.",
         "",
-        "| workers | single writer (B) | parallel writers (A) | A/B |",
-        "|---|---|---|---|",
+        "| workers | B: single writer | A: parallel writers | A/B wall | B CPU s/MB | A CPU s/MB |",
+        "|---|---|---|---|---|---|",
     ]
     for w in worker_counts:
         tb, ta = statistics.median(times[("B", w)]), statistics.median(times[("A", w)])
+        cb, ca = statistics.median(cpu[("B", w)]) / mb, statistics.median(cpu[("A", w)]) / mb
         lines.append(
-            f"| {w} | {size / 1e6 / tb:.2f} MB/s, {tokens / tb / 1e6:.2f} M tok/s ({tb:.1f}s) "
-            f"| {size / 1e6 / ta:.2f} MB/s, {tokens / ta / 1e6:.2f} M tok/s ({ta:.1f}s) "
-            f"| {tb / ta:.2f}x |"
+            f"| {w} | {mb / tb:.2f} MB/s, {tokens / tb / 1e6:.2f} M tok/s ({tb:.1f}s) "
+            f"| {mb / ta:.2f} MB/s, {tokens / ta / 1e6:.2f} M tok/s ({ta:.1f}s) "
+            f"| {tb / ta:.2f}x | {cb:.3f} | {ca:.3f} |"
         )
     return lines
 
@@ -166,11 +183,11 @@ def bench_preprocess(tmp: str, mb: float, reps: int, worker_counts: list[int]) -
         shuffle_input_sentence=True, minloglevel=2, num_threads=2,
     )  # fmt: skip
     sp = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": model}
+    writer = "megatron-core's IndexedDatasetBuilder" if _megatron_builder_class() else "our writer"
     lines = [
         "Preprocessing: A = ours (parallel writers), B = Megatron's single-writer pipeline "
-        f"(main process writes with {'megatron-core IndexedDatasetBuilder' if _megatron_builder_class() else 'our writer'}), "
-        f"same tokenizer, --append-eod, median of {reps} interleaved runs; outputs checked "
-        "byte-identical.",
+        f"(main process writes with {writer}), same tokenizer, --append-eod, median of {reps} "
+        "interleaved runs; outputs checked byte-identical.",
     ]
     lines += _table(
         "SentencePieceTokenizer (BPE, 8000 pieces) on synthetic text", size, docs,
@@ -223,6 +240,28 @@ def bench_sample_index(reps: int) -> list[str]:
     return lines
 
 
+def bench_blending(reps: int) -> list[str]:
+    weights, size = np.array([0.5, 0.3, 0.2]), 200_000
+    t = {"python": [], "cpp": []}
+    for _ in range(reps):
+        for name, fn in (
+            ("python", build_blending_indices_python),
+            ("cpp", build_blending_indices_cpp),
+        ):
+            start = time.perf_counter()
+            out = fn(weights, size)
+            t[name].append(time.perf_counter() - start)
+    assert all(
+        np.array_equal(a, b) for a, b in zip(out, build_blending_indices_python(weights, size))
+    )
+    tp, tc = min(t["python"]), min(t["cpp"])
+    return [
+        "",
+        f"Blending index, {size:,} samples over 3 datasets: Python {tp * 1e3:.0f} ms, "
+        f"C++ {tc * 1e3:.1f} ms ({tp / tc:.0f}x), identical arrays.",
+    ]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mb", type=float, default=32.0, help="corpus size in MB")
@@ -231,17 +270,21 @@ def main() -> int:
     p.add_argument("--append", help="append the results section to this markdown file")
     args = p.parse_args()
     _megatron_builder_class()  # import megatron-core once, outside the timed runs
+    load_before = "/".join(f"{x:.1f}" for x in os.getloadavg())
     if not gd.have_cpp_helpers():
         print("megatron_msg._data_helpers is not built: run `make build`", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         lines = bench_preprocess(tmp, args.mb, args.reps, args.workers)
     lines += bench_sample_index(max(args.reps, 3))
+    lines += bench_blending(max(args.reps, 3))
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     command = "python benchmarks/data_pipeline.py " + " ".join(sys.argv[1:])
     section = [
         f"## Data pipeline — {datetime.date.today().isoformat()}",
         "",
-        f"Machine: 2-core CPU VM, no GPU (shared with other engineers while measuring). "
+        "Machine: 2-core CPU VM, no GPU, shared with other engineers while measuring "
+        f"(load average {load_before} before, {load} after, 1/5/15 min). "
         f"Command: `{command.strip()}`",
         "",
         *lines,

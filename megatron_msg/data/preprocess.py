@@ -104,8 +104,13 @@ def _remove_stale_tmp_dirs(output_prefix: str) -> None:
 def _progress_bar(total: int) -> Any:
     from tqdm import tqdm
 
+    class Bar(tqdm):  # type: ignore[type-arg]
+        # No monitor thread: it would outlive the bar and force the next run's
+        # pool (in this process) from fork onto the slower spawn.
+        monitor_interval = 0
+
     tty = sys.stderr.isatty()
-    return tqdm(
+    return Bar(
         total=total, unit="B", unit_scale=True, file=sys.stderr, desc="preprocess",
         mininterval=0.5 if tty else 30.0, dynamic_ncols=True,
     )  # fmt: skip
