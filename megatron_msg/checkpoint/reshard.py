@@ -91,7 +91,9 @@ def locate_stages(
         for local in names:
             name = naming(stage, local) if naming is not None else local
             if name not in specs:
-                unknown.append(f"stage {stage}: {local!r}")
+                unknown.append(
+                    f"stage {stage}: {local!r}" + (f" (= {name})" if name != local else "")
+                )
                 continue
             found.setdefault(name, []).append((stage, local))
     missing = [n for n in parameter_specs(config) if n not in found]
