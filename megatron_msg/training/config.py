@@ -24,7 +24,6 @@ from megatron_msg.training.schema import build_dataclass, parse_override, set_do
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
-MOMENT_POLICIES = ("zero", "mean_sq")
 DATA_SOURCES = ("indexed", "synthetic")
 
 

@@ -18,26 +18,25 @@ step 60 of 110, ramp 20, no LR rewind; 3 runs over two seeds and b2 in
 {0.95, 0.999}), ``zero`` reached a 1.7-2.6% lower mean loss over steps 81-110
 than ``mean_sq``; the bounded first steps cost more than the large ones do, so
 ``zero`` stays the default until a larger benchmark says otherwise.
+The policies themselves live in ``growth/optimizer_state.py`` (shared with the
+offline growth tool).
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from megatron_msg.config import ConfigError, ModelConfig
+from megatron_msg.config import ModelConfig
 from megatron_msg.growth.masks import MaskRamp
-from megatron_msg.growth.operators import GrowthMaps, TensorMap, carry_over, grow
+from megatron_msg.growth.operators import grow
+from megatron_msg.growth.optimizer_state import carry_moments
 from megatron_msg.model import GPTModel
 from megatron_msg.parallel.groups import ProcessGroups
 from megatron_msg.training.config import GrowthStage, TrainConfig
 from megatron_msg.training.engine import TrainEngine, TrainState
-
-_LAYER = re.compile(r"^layers\.\d+\.")
 
 
 @dataclass
@@ -73,7 +72,9 @@ def grow_engine(
         seed=seed,
         tp_size=groups.tp_size,
     )
-    exp_avg, exp_avg_sq = carry_moments(state, result.maps, policy=stage.moment_policy)
+    exp_avg, exp_avg_sq = carry_moments(
+        state.exp_avg, state.exp_avg_sq, result.maps, policy=stage.moment_policy
+    )
     grown = TrainState(
         weights={n: t for n, t in result.state.items() if n in exp_avg},
         exp_avg=exp_avg,
@@ -98,37 +99,3 @@ def _with_model(config: TrainConfig, model: ModelConfig) -> TrainConfig:
     import dataclasses
 
     return dataclasses.replace(config, model=model)
-
-
-def carry_moments(
-    state: TrainState, maps: GrowthMaps, *, policy: str
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(exp_avg, exp_avg_sq) of the grown parameters under moment ``policy``."""
-    if policy == "zero":
-        return carry_over(state.exp_avg, maps), carry_over(state.exp_avg_sq, maps)
-    if policy == "mean_sq":
-        return carry_over(state.exp_avg, maps), carry_over(
-            state.exp_avg_sq, maps, fill=_mean_fill(state.exp_avg_sq)
-        )
-    raise ConfigError(f"moment_policy must be 'zero' or 'mean_sq', got {policy!r}")
-
-
-def _mean_fill(
-    old: dict[str, torch.Tensor],
-) -> Callable[[str, TensorMap, torch.Tensor | None], torch.Tensor]:
-    """New entries of a tensor get the mean of its old entries; a brand-new tensor the
-    mean over the same tensor in every old layer (``layers.*.mlp.fc1.weight``)."""
-    by_kind: dict[str, list[torch.Tensor]] = {}
-    for name, tensor in old.items():
-        by_kind.setdefault(_LAYER.sub("layers.*.", name), []).append(tensor.reshape(-1))
-    kind_mean = {k: float(torch.cat(v).double().mean()) for k, v in by_kind.items()}
-    everything = float(torch.cat([t.reshape(-1) for t in old.values()]).double().mean())
-
-    def fill(name: str, tmap: TensorMap, source: torch.Tensor | None) -> torch.Tensor:
-        if source is not None and source.numel() > 0:
-            value = float(source.double().mean())
-        else:
-            value = kind_mean.get(_LAYER.sub("layers.*.", name), everything)
-        return torch.full(tmap.new_shape, value, dtype=torch.float32)
-
-    return fill

@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 from megatron_msg.config import ConfigError, ModelConfig
 from megatron_msg.growth.operators import DEPTH_STRATEGIES, INIT_SCHEMES
+from megatron_msg.growth.optimizer_state import MOMENT_POLICIES
 from megatron_msg.training.config import (
     DATA_SOURCES,
     DTYPES,
     LR_DECAY_STYLES,
-    MOMENT_POLICIES,
     BatchConfig,
     ParallelConfig,
     TrainConfig,
