@@ -75,24 +75,39 @@ inline A mask_at(const A* c, int64_t i) {
   }
 }
 
+// sum(term(i)) over i < n in kLanes independent accumulators (four AVX2
+// vectors), combined pairwise: accurate for long rows of same-sign terms and
+// not bound by the latency of one add chain. Fixed order, so deterministic.
+template <typename A, typename F>
+inline A lane_sum(int64_t n, F term) {
+  constexpr int kLanes = 128 / sizeof(A);
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc[j] += term(i + j);
+  }
+  for (int j = 0; i < n; ++i, ++j) acc[j] += term(i);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+  }
+  return acc[0];
+}
+
 template <typename T, typename A, bool MASKED, bool RMS, bool BIAS>
 MN_CPU_CLONES void forward_row(const T* x, T* y, const A* w, const A* b, const A* c, A inv_n,
                                A eps, A* mean_out, A* rstd_out, A* scratch, int64_t h) {
   const A* xa = row_as_acc<T, A>(x, scratch, h);
   A mean = 0;
   if constexpr (!RMS) {
-    A s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < h; ++i) s += mask_at<A, MASKED>(c, i) * xa[i];
+    const A s = lane_sum<A>(h, [&](int64_t i) { return mask_at<A, MASKED>(c, i) * xa[i]; });
     mean = s * inv_n;
   }
   // Second pass over the cached row: exact centring instead of E[x^2]-mu^2.
-  A moment = 0;
-#pragma omp simd reduction(+ : moment)
-  for (int64_t i = 0; i < h; ++i) {
+  const A moment = lane_sum<A>(h, [&](int64_t i) {
     const A d = xa[i] - mean;
-    moment += mask_at<A, MASKED>(c, i) * d * d;
-  }
+    return mask_at<A, MASKED>(c, i) * d * d;
+  });
   const A rstd = rstd_from_moment(moment, inv_n, eps);
 #pragma omp simd
   for (int64_t i = 0; i < h; ++i) {
@@ -109,15 +124,13 @@ MN_CPU_CLONES void backward_row(const T* dy, const T* x, T* dx, const A* w, cons
                                 A mean, A rstd, A* dw_acc, A* db_acc, A* scratch, int64_t h) {
   const A* xa = row_as_acc<T, A>(x, scratch, h);
   const A* ga = row_as_acc<T, A>(dy, scratch + h, h);
-  A sum_g = 0;
-  A sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-  for (int64_t i = 0; i < h; ++i) {
-    const A g = grad_out_elem(ga[i], w[i], mask_at<A, MASKED>(c, i));
-    sum_g += g;
-    sum_gx += g * (xa[i] - mean) * rstd;
-  }
-  if constexpr (RMS) sum_g = 0;  // no mean, so no mean term in dx
+  const A sum_gx = lane_sum<A>(h, [&](int64_t i) {
+    return grad_out_elem(ga[i], w[i], mask_at<A, MASKED>(c, i)) * ((xa[i] - mean) * rstd);
+  });
+  // RMSNorm has no mean, so no mean term in dx.
+  const A sum_g = RMS ? A(0) : lane_sum<A>(h, [&](int64_t i) {
+    return grad_out_elem(ga[i], w[i], mask_at<A, MASKED>(c, i));
+  });
 #pragma omp simd
   for (int64_t i = 0; i < h; ++i) {
     const A ci = mask_at<A, MASKED>(c, i);
@@ -169,12 +182,13 @@ void store_vector(const std::vector<A>& src, void* dst, DType dtype) {
   }
 }
 
+// 1/sum(c), summed in double: 2560 channels at 0.3 summed in float drift by 1e-4.
 template <typename A>
 A inv_count(const A* c, int64_t h) {
   if (c == nullptr) return A(1) / static_cast<A>(h);
-  A n = 0;
-  for (int64_t i = 0; i < h; ++i) n += c[i];
-  return A(1) / n;
+  double n = 0;
+  for (int64_t i = 0; i < h; ++i) n += static_cast<double>(c[i]);
+  return static_cast<A>(1.0 / n);
 }
 
 template <typename T, typename A, bool MASKED, bool RMS, bool BIAS>
