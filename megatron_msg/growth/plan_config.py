@@ -1,8 +1,10 @@
 """Input of ``megatron-msg plan``: a training config plus its ``plan:`` section.
 
-The YAML is the one ``megatron-msg train`` reads (parsed and type-checked by
-``megatron_msg.training.config``); the ``plan:`` section holds planning
-assumptions only and is removed before the training schema sees the file.
+The YAML is the one ``megatron-msg train`` reads, parsed and type-checked by
+the one schema of ``megatron_msg.training.config``: its ``plan:`` section
+(:class:`PlanSettings`) holds planning assumptions only, which training carries
+and ignores. Activation recomputation is a training setting
+(``train.recompute``), read from there by the planner too.
 """
 
 from __future__ import annotations
@@ -15,48 +17,10 @@ from pathlib import Path
 import yaml
 
 from megatron_msg.config import ConfigError, ModelConfig
-from megatron_msg.training.config import TrainConfig
-from megatron_msg.training.schema import build_dataclass, parse_override, set_dotted
+from megatron_msg.training.config import RECOMPUTE_MODES, PlanSettings, TrainConfig
+from megatron_msg.training.schema import parse_override, set_dotted
 
-RECOMPUTE_MODES = ("none", "selective", "full")
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """Planning assumptions: the ``plan:`` section of a config (``megatron-msg train`` ignores it)."""
-
-    gpus: int = 0  # 0: tp * pp * dp (or the hostfile's slots)
-    gpus_per_node: int = 8
-    gpu_memory_gb: float = 80.0  # GiB per GPU
-    peak_tflops: float = 0.0  # per GPU; 0: logging.peak_flops, else DEFAULT_PEAK_TFLOPS
-    mfu: float = 0.0  # model FLOPs utilisation; give this or hfu (else DEFAULT_MFU)
-    hfu: float = 0.0  # hardware FLOPs utilisation (counts recomputation)
-    recompute: str = "full"  # activation recomputation: none | selective | full
-    flash_attention: bool = True  # fused attention keeps no s^2 activations
-    sequence_parallel: bool = False
-    overhead_gb: float = 4.0  # CUDA context, NCCL and ZeRO bucket buffers, fragmentation
-    tokens: float = 0.0  # token budget; 0: train.steps * global batch * seq_len
-    deepspeed_config: str = ""  # a DeepSpeed JSON (relative to the YAML) that must agree
-
-    def __post_init__(self) -> None:
-        if self.recompute not in RECOMPUTE_MODES:
-            raise ConfigError(
-                f"plan.recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}"
-            )
-        if self.mfu and self.hfu:
-            raise ConfigError(f"give plan.mfu ({self.mfu}) or plan.hfu ({self.hfu}), not both")
-        if not (0 <= self.mfu <= 1 and 0 <= self.hfu <= 1):
-            raise ConfigError(f"plan.mfu ({self.mfu}) and plan.hfu ({self.hfu}) must be in [0, 1]")
-        for name in (
-            "gpus",
-            "gpus_per_node",
-            "gpu_memory_gb",
-            "peak_tflops",
-            "overhead_gb",
-            "tokens",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"plan.{name} must be >= 0, got {getattr(self, name)}")
+__all__ = ["RECOMPUTE_MODES", "PlanSettings", "StageInput", "hostfile_slots", "load_stages"]
 
 
 @dataclass
@@ -78,11 +42,11 @@ def load_stages(path: str | Path, overrides: Sequence[str] = ()) -> list[StageIn
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    plan = build_dataclass(PlanSettings, raw.pop("plan", None) or {}, prefix="plan.")
     try:
         train = TrainConfig.from_dict(raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+    plan = train.plan
     train = _resolve_sizes(train, plan)
     models = train.stage_models()
     name = Path(path).name

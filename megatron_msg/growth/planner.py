@@ -253,7 +253,7 @@ def memory_per_gpu(stage: StageInput) -> Memory:
             weights=float(low * local),
             grads=float(grads),
             optimizer=optimizer,
-            activations=by_mode[stage.plan.recompute],
+            activations=by_mode[stage.train.train.recompute],
             overhead=stage.plan.overhead_gb * GIB,
             activations_by_mode=by_mode,
         )
@@ -365,7 +365,7 @@ def plan_stage(stage: StageInput, *, gpus: int = 0) -> StagePlan:
     tp, pp, dp = t.parallel.tp, t.parallel.pp, t.parallel.dp
     gpus = gpus or plan.gpus or tp * pp * dp
     seq, gbs = t.data.seq_len, t.batch.global_batch_size
-    model_flops, hw_flops = training_flops(cfg, seq_len=seq, recompute=plan.recompute)
+    model_flops, hw_flops = training_flops(cfg, seq_len=seq, recompute=t.train.recompute)
     peak = plan.peak_tflops * 1e12 or t.logging.peak_flops or DEFAULT_PEAK_TFLOPS * 1e12
     mfu = plan.mfu or (plan.hfu * model_flops / hw_flops if plan.hfu else DEFAULT_MFU)
     tokens = plan.tokens or float(t.train.steps) * gbs * seq
@@ -393,7 +393,7 @@ def plan_stage(stage: StageInput, *, gpus: int = 0) -> StagePlan:
             "grad_accum": t.batch.grad_accum,
             "global_batch": gbs,
             "seq_len": seq,
-            "recompute": plan.recompute,
+            "recompute": t.train.recompute,
             "flash_attention": plan.flash_attention,
             "sequence_parallel": plan.sequence_parallel,
         },

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -25,6 +25,8 @@ from megatron_msg.training.schema import build_dataclass, parse_override, set_do
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
 DATA_SOURCES = ("indexed", "synthetic")
+RECOMPUTE_MODES = ("none", "selective", "full")
+Recompute = Literal["none", "selective", "full"]
 
 
 @dataclass
@@ -92,6 +94,9 @@ class CheckpointConfig:
     interval: int = 0  # optimizer steps between saves; 0: only at the end
     keep: int = 2  # most recent checkpoints kept (0: all)
     resume: bool = True  # continue from <dir>/latest when it exists
+    # A canonical store (``megatron-msg convert`` / ``grow`` output) to start from when
+    # there is nothing to resume: the run-dir checkpoint, if any, always wins.
+    load: str = ""
 
 
 @dataclass
@@ -109,6 +114,38 @@ class RunConfig:
     dtype: str = "fp32"
     run_dir: str = "runs/default"
     max_nonfinite_in_row: int = 5  # consecutive skipped steps that stop the run
+    # Activation recomputation: "full" keeps only each block's input and reruns the
+    # block in backward; "selective" reruns the attention sublayer only.
+    recompute: Recompute = "none"
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Planning assumptions for ``megatron-msg plan`` (the ``plan:`` section); training
+    carries them without using them, so one YAML serves both commands."""
+
+    gpus: int = 0  # 0: tp * pp * dp (or the hostfile's slots)
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0  # GiB per GPU
+    peak_tflops: float = 0.0  # per GPU; 0: logging.peak_flops, else the planner's default
+    mfu: float = 0.0  # model FLOPs utilisation; give this or hfu (else the planner's default)
+    hfu: float = 0.0  # hardware FLOPs utilisation (counts recomputation)
+    flash_attention: bool = True  # fused attention keeps no s^2 activations
+    sequence_parallel: bool = False
+    overhead_gb: float = 4.0  # CUDA context, NCCL and ZeRO bucket buffers, fragmentation
+    tokens: float = 0.0  # token budget; 0: train.steps * global batch * seq_len
+    deepspeed_config: str = ""  # a DeepSpeed JSON (relative to the YAML) that must agree
+
+    def __post_init__(self) -> None:
+        if self.mfu and self.hfu:
+            raise ConfigError(f"give plan.mfu ({self.mfu}) or plan.hfu ({self.hfu}), not both")
+        if not (0 <= self.mfu <= 1 and 0 <= self.hfu <= 1):
+            raise ConfigError(f"plan.mfu ({self.mfu}) and plan.hfu ({self.hfu}) must be in [0, 1]")
+        for name in ("gpus", "gpus_per_node", "gpu_memory_gb", "peak_tflops", "overhead_gb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"plan.{name} must be >= 0, got {getattr(self, name)}")
+        if self.tokens < 0:
+            raise ConfigError(f"plan.tokens must be >= 0, got {self.tokens}")
 
 
 @dataclass
@@ -123,6 +160,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    plan: PlanSettings = field(default_factory=PlanSettings)
 
     # ---- derived values (valid after resolve) ------------------------------
 

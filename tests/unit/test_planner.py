@@ -51,7 +51,7 @@ def test_flm_stages_are_within_3_percent_of_nominal(path: Path, nominal: float) 
 def test_flm_layouts_fit_in_80gb_with_zero1_bf16_recompute(path: Path, nominal: float) -> None:
     stage = _one(path)
     assert stage.train.parallel.zero_stage == 1 and stage.train.train.dtype == "bf16"
-    assert stage.plan.recompute == "full" and stage.plan.gpu_memory_gb == 80
+    assert stage.train.train.recompute == "full" and stage.plan.gpu_memory_gb == 80
     plan = plan_stage(stage)
     assert plan.layout["gpus"] == 192 == plan.layout["tp"] * plan.layout["pp"] * plan.layout["dp"]
     m = plan.memory
@@ -241,8 +241,8 @@ def test_bad_configs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path.write_text((FLM / "stage1_16b.yaml").read_text())
     assert planner.main([str(path), "--set", "plan.gpu_memroy_gb=40"]) == 2
     assert "plan.gpu_memroy_gb" in capsys.readouterr().err
-    assert planner.main([str(path), "--set", "plan.recompute=some"]) == 2
-    assert "plan.recompute must be one of" in capsys.readouterr().err
+    assert planner.main([str(path), "--set", "train.recompute=some"]) == 2
+    assert "train.recompute must be one of" in capsys.readouterr().err
     assert planner.main([str(path), "--set", "model.num_heads=45", "--strict"]) == 1
     out = capsys.readouterr().out
     assert "needs num_heads (45) divisible by TP (2)" in out
