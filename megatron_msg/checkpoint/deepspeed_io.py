@@ -51,7 +51,7 @@ from megatron_msg.checkpoint.deepspeed_files import (
     read_run_state,
     safe_load,
 )
-from megatron_msg.checkpoint.reshard import locate_stages, merge_tp
+from megatron_msg.checkpoint.reshard import StageNaming, locate_stages, merge_tp
 from megatron_msg.checkpoint.run_meta import canonical_meta
 from megatron_msg.checkpoint.safetensors_files import refuse_existing
 from megatron_msg.config import ConfigError, ModelConfig
@@ -90,6 +90,12 @@ class _Stage0Rank(RankState):
         module = states["module"]
         params = [n for n in module if n not in self.masks]
         self._weights = {n: module[n] for n in params}
+        low = {n: t.dtype for n, t in self._weights.items() if t.dtype != torch.float32}
+        if low:
+            raise DeepSpeedCheckpointError(
+                f"{path}: ZeRO-0 parameters in {sorted(set(low.values()))} (e.g. {next(iter(low))}) "
+                "carry no fp32 masters"
+            )
         self.shapes = {n: tuple(t.shape) for n, t in self._weights.items()}
         self._state: dict[str, dict[str, Any]] = {}
         optimizer = states.get("optimizer")
@@ -147,8 +153,9 @@ class _ZeroRank(RankState):
         for name, shape in self.shapes.items():
             have = sum(n for _, _, n in self._fragments[name])
             if have != math.prod(shape):
+                files = ", ".join(p.name for p in optim_paths)
                 raise DeepSpeedCheckpointError(
-                    f"{path.parent}: the DP partitions hold {have} elements of {name}, "
+                    f"{path.parent}: the DP partitions ({files}) hold {have} elements of {name}, "
                     f"its shape {shape} has {math.prod(shape)}"
                 )
         for g, steps in enumerate(zip(*group_steps)):
@@ -165,11 +172,12 @@ class _ZeroRank(RankState):
             mappings = optim["param_slice_mappings"]
             fp32 = optim["single_partition_of_fp32_groups"]
             state = optim["base_optimizer_state"]["state"]
+            groups = [state.get(g, {}) for g in range(len(fp32))]
             flats = {
                 "weights": list(fp32),
-                **{k: [state[g][k] for g in range(len(fp32))] for k in _MOMENTS},
+                **{k: [_moment(s, k, f) for s, f in zip(groups, fp32)] for k in _MOMENTS},
             }
-            steps = [int(state[g].get("step", 0)) for g in range(len(fp32))]
+            steps = [int(s.get("step", 0)) for s in groups]
             counts = optim["partition_count"]
         except (KeyError, TypeError, IndexError) as err:
             raise DeepSpeedCheckpointError(
@@ -215,6 +223,12 @@ class _ZeroRank(RankState):
         return torch.cat(pieces).view(self.shapes[name])  # cat copies out of the mapping
 
 
+def _moment(state: dict[str, Any], key: str, fp32: torch.Tensor) -> torch.Tensor:
+    # Saved before the group's first step: Adam's moments are zero.
+    value = state.get(key)
+    return torch.zeros_like(fp32) if value is None else value
+
+
 def _optimizer_order(model: ModelConfig, config: TrainConfig) -> list[list[str]]:
     """Parameter names per AdamW group, exactly as the trainer's build_optimizer groups them."""
     from megatron_msg.model import GPTModel
@@ -236,11 +250,17 @@ class NativeCheckpoint:
     file unpickles safely; the ZeRO fragments of every parameter add up to its
     shape; the stages and TP slices form the canonical table of the run's
     current model. Anything else raises :class:`DeepSpeedCheckpointError`
-    naming the file (or :class:`TopologyError` naming the tensors).
+    naming the file (and the tensors, for a layout problem).
+
+    ``naming`` maps a pipeline stage's parameter names to canonical ones when
+    its modules count layers locally (default: names are canonical already).
+    Pipeline-parallel training is not built yet, so PP > 1 is exercised only
+    by the synthetic merge tests of :mod:`reshard`.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, naming: StageNaming | None = None) -> None:
         self.folder = folder
+        self.naming = naming
         self.run, self.train_config = read_run_state(folder)
         self.model = self.train_config.stage_models()[self.run.stage]
         self.layout = NativeLayout.of(folder, self.train_config)
@@ -283,7 +303,7 @@ class NativeCheckpoint:
                 )
             stages.append(sorted(names[0]))
         try:
-            where = locate_stages(stages, self.model)
+            where = locate_stages(stages, self.model, naming=self.naming)
         except ConfigError as err:
             raise DeepSpeedCheckpointError(f"{self.folder}: {err}") from None
         specs = canonical_specs(self.model)
