@@ -1,9 +1,21 @@
-"""One pre-LN decoder layer with the MSG hidden, head, ffn and depth masks."""
+"""One pre-LN decoder layer with the MSG hidden, head, ffn and depth masks.
+
+Activation recomputation (``Block.recompute``): ``"full"`` keeps only the
+block's input and reruns the whole block in backward; ``"selective"`` reruns
+only the attention sublayer (norm1, qkv, attention core, proj: where the
+s^2-sized attention probabilities of a non-fused kernel live) and keeps the
+MLP's activations. The rerun draws the same dropout masks: the model's
+:class:`ParallelRNG` streams are captured before the forward and replayed
+(:meth:`ParallelRNG.replaying`), so gradients equal those without recomputation.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.attention import Attention, Rope
@@ -14,6 +26,31 @@ from megatron_msg.parallel.groups import ProcessGroups
 from megatron_msg.parallel.random import ParallelRNG
 
 LAYER_MASKS = ("heads", "ffn", "depth")
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def recomputed(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rng: ParallelRNG | None
+) -> torch.Tensor:
+    """``fn(x)`` whose activations are recomputed in backward instead of kept.
+
+    The first call is the forward; any later call (the recomputation) replays
+    the dropout streams from where the forward started them.
+    """
+    state = None if rng is None else rng.state_dict()
+    calls = 0
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1 or rng is None or state is None:
+            return fn(inp)
+        with rng.replaying(state):
+            return fn(inp)
+
+    out = checkpoint(run, x, use_reentrant=False, preserve_rng_state=True)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 class Block(nn.Module):
@@ -52,6 +89,7 @@ class Block(nn.Module):
         self.norm2 = norm()
         self.mlp = MLP(config, groups=groups, dtype=dtype, device=device)
         self.masks = MaskSet(LAYER_MASKS)
+        self.recompute = "none"  # see the module docstring; GPTModel.set_recompute sets it
 
     def forward(
         self,
@@ -61,13 +99,45 @@ class Block(nn.Module):
         rope: Rope | None,
         rng: ParallelRNG | None,
     ) -> torch.Tensor:
-        a = self.attn(
+        if self.recompute == "full" and self._recomputing():
+            return recomputed(
+                lambda t: self._forward(t, hidden_mask=hidden_mask, rope=rope, rng=rng), x, rng
+            )
+        return self._forward(x, hidden_mask=hidden_mask, rope=rope, rng=rng)
+
+    def _recomputing(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def _attention(
+        self,
+        x: torch.Tensor,
+        *,
+        hidden_mask: torch.Tensor | None,
+        rope: Rope | None,
+        rng: ParallelRNG | None,
+    ) -> torch.Tensor:
+        return self.attn(  # type: ignore[no-any-return]
             self.norm1(x, hidden_mask),
             heads_mask=self.masks.get("heads"),
             hidden_mask=hidden_mask,
             rope=rope,
             rng=rng,
         )
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        *,
+        hidden_mask: torch.Tensor | None,
+        rope: Rope | None,
+        rng: ParallelRNG | None,
+    ) -> torch.Tensor:
+        if self.recompute == "selective" and self._recomputing():
+            a = recomputed(
+                lambda t: self._attention(t, hidden_mask=hidden_mask, rope=rope, rng=rng), x, rng
+            )
+        else:
+            a = self._attention(x, hidden_mask=hidden_mask, rope=rope, rng=rng)
         h = x + self._residual_dropout(a, rng)
         m = self.mlp(
             self.norm2(h, hidden_mask), ffn_mask=self.masks.get("ffn"), hidden_mask=hidden_mask
