@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from megatron_msg.checkpoint.canonical import (
 )
 from megatron_msg.checkpoint.safetensors_files import (
     DTYPE_SIZES,
+    CanonicalCheckpointError,
     install_dir,
     temp_sibling,
 )
@@ -357,6 +359,36 @@ def _grow_into(
     )
 
 
+class _Sink:
+    """Writes tensors on one background thread, one at a time, so the next tensor is read
+    and built while the previous one goes to disk (file writes and torch ops release the
+    GIL). At most one tensor is in flight, so memory stays at about three tensors: the
+    one being written, and the source and result of the one being built."""
+
+    def __init__(self, writer: CanonicalWriter, bar: Any) -> None:
+        self.writer, self.bar = writer, bar
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grow-writer")
+        self.pending: Future[None] | None = None
+        self.tensors = self.written = 0
+
+    def add(self, name: str, tensor: torch.Tensor, kind: str) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._write, name, tensor, kind)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # re-raises a failed write here
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)  # never leave a write running past the writer's abort
+
+    def _write(self, name: str, tensor: torch.Tensor, kind: str) -> None:
+        self.writer.add(name, tensor, kind=kind)
+        self.tensors, self.written = self.tensors + 1, self.written + tensor.nbytes
+        self.bar.update(tensor.nbytes)
+
+
 def _stream(
     reader: CanonicalReader,
     plan: GrowthPlan,
@@ -372,28 +404,28 @@ def _stream(
         means = SquareMeans.accumulate(
             (n, source.read(n, kind="exp_avg_sq")) for n in reader.names("exp_avg_sq")
         )
-    tensors = written = read = 0
-
-    def add(name: str, tensor: torch.Tensor, kind: str) -> None:
-        nonlocal tensors, written
-        writer.add(name, tensor, kind=kind)
-        tensors, written = tensors + 1, written + tensor.nbytes
-        bar.update(tensor.nbytes)
-
-    for name, tmap in plan.maps.tensors.items():
-        old = None if tmap.source is None else source.read(tmap.source)
-        read += 0 if old is None else old.nbytes
-        add(name, plan.build(name, old, dtype=param_dtype), "weights")
-        del old  # a copied layer reads its source again instead of keeping it
-        if is_mask_name(name) or not _has_moments(reader, tmap.source):
-            continue
-        for moment in MOMENTS:
-            old = None if tmap.source is None else source.read(tmap.source, kind=moment)
+    read = 0
+    sink = _Sink(writer, bar)
+    try:
+        for name, tmap in plan.maps.tensors.items():
+            old = None if tmap.source is None else source.read(tmap.source)
             read += 0 if old is None else old.nbytes
-            grown = carry_tensor(name, tmap, old, policy=policy, moment=moment, means=means)
-            add(name, grown, moment)
-            del old, grown
-    return tensors, written, read
+            sink.add(name, plan.build(name, old, dtype=param_dtype, consume=True), "weights")
+            del old  # a copied layer reads its source again instead of keeping it
+            if is_mask_name(name) or not _has_moments(reader, tmap.source):
+                continue
+            for moment in MOMENTS:
+                old = None if tmap.source is None else source.read(tmap.source, kind=moment)
+                read += 0 if old is None else old.nbytes
+                grown = carry_tensor(
+                    name, tmap, old, policy=policy, moment=moment, means=means, consume=True
+                )
+                sink.add(name, grown, moment)
+                del old, grown
+        sink.wait()
+    finally:
+        sink.close()
+    return sink.tensors, sink.written, read
 
 
 def _grown_meta(reader: CanonicalReader, plan: GrowthPlan, options: GrowOptions) -> CanonicalMeta:
@@ -507,7 +539,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = grow_checkpoint(
             load=args.load, save=args.save, target=target, sizes=sizes or None, options=options
         )
-    except (ConfigError, GrowthVerificationError, OSError, yaml.YAMLError) as err:
+    except (
+        ConfigError,
+        CanonicalCheckpointError,
+        GrowthVerificationError,
+        OSError,
+        yaml.YAMLError,
+    ) as err:
         print(f"megatron-msg grow: error: {err}", file=sys.stderr)
         print(f"megatron-msg grow: nothing was written to {args.save}", file=sys.stderr)
         return 1

@@ -138,10 +138,19 @@ class GrowthPlan:
     init: str | InitFn
     seed: int
 
-    def build(self, name: str, source: torch.Tensor | None, *, dtype: torch.dtype) -> torch.Tensor:
+    def build(
+        self,
+        name: str,
+        source: torch.Tensor | None,
+        *,
+        dtype: torch.dtype,
+        consume: bool = False,
+    ) -> torch.Tensor:
         """Grown tensor ``name`` from ``source``, the old tensor ``maps.tensors[name].source``
         names (None when that is None). ``dtype``: the old parameters' dtype, used
-        for freshly drawn values. Returns a new tensor; ``source`` is not modified."""
+        for freshly drawn values. Returns a new tensor and leaves ``source`` as it
+        is; with ``consume`` the caller gives ``source`` up, and an unchanged
+        parameter is returned as ``source`` itself instead of a copy."""
         tmap = self.maps.tensors[name]
         if (source is None) != (tmap.source is None):
             raise ValueError(f"{name}: the map's source is {tmap.source!r}, got source={source!r}")
@@ -156,7 +165,7 @@ class GrowthPlan:
             return self._draw(name, tmap.new_shape, dtype)
         old = source.detach()
         if tmap.old_shape == tmap.new_shape:
-            return old.clone()
+            return old if consume else old.clone()
         out = self._draw(name, tmap.new_shape, dtype).to(old.dtype)
         out[tmap.index] = old
         return out
@@ -284,12 +293,28 @@ def carry_over(
                 raise ValueError(
                     f"fill returned shape {tuple(out.shape)} for {name}, expected {tmap.new_shape}"
                 )
-        else:
+        elif source is None:
             out = torch.full(tmap.new_shape, float(fill), dtype=like)
+        else:
+            out = _filled_around(tmap, float(fill), like)
         if source is not None:
             out[tmap.index] = source
         result[name] = out
     return result
+
+
+def _filled_around(tmap: TensorMap, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``tmap.new_shape`` with ``value`` everywhere outside ``tmap.index``.
+
+    The old block is left unwritten (the caller copies the old entries there), so
+    each byte is written once: the new entries are, per dim d, the slab whose d-th
+    index is past the old size and whose earlier indices are inside it.
+    """
+    out = torch.empty(tmap.new_shape, dtype=dtype)
+    for dim, (_, stop) in enumerate(tmap.ranges):
+        slab = (*tmap.index[:dim], slice(stop, None))
+        out[slab] = value
+    return out
 
 
 def _check_carry_inputs(

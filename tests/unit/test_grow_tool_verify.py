@@ -98,8 +98,8 @@ def test_gate_rejects_broken_growth_and_leaves_nothing(
     write_source(tmp_path / "src", SMALL_VARIANT)
     real_build = GrowthPlan.build
 
-    def broken_build(self: GrowthPlan, name: str, source, *, dtype):  # type: ignore[no-untyped-def]
-        out = real_build(self, name, source, dtype=dtype)
+    def broken_build(self: GrowthPlan, name: str, *args: object, **kwargs: object) -> torch.Tensor:
+        out = real_build(self, name, *args, **kwargs)  # type: ignore[arg-type]
         return torch.ones_like(out) if name == "layers.1.masks.heads" else out
 
     monkeypatch.setattr(grow_tool.GrowthPlan, "build", broken_build)
