@@ -1,60 +1,88 @@
-"""`megatron-msg demo` end to end with few steps: every growth preserves the function."""
+"""`megatron-msg demo` end to end in miniature: stdlib corpus -> SentencePiece -> indexed
+dataset -> the real trainer through three growths (all four dimensions) -> table and plot.
+
+One subprocess (the trainer initialises torch.distributed, which must not leak into
+the pytest process); a small corpus, vocabulary and step count keep it to ~30 s.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_msg import demo
-from megatron_msg.growth.operators import grow
+from megatron_msg.demo_corpus import build_corpus, stdlib_sources
+
+MINI = [
+    "--steps-per-stage", "6", "--seq-len", "32", "--batch", "4",
+    "--vocab-size", "512", "--corpus-mb", "0.2", "--workers", "2",
+]  # fmt: skip
+ROW = re.compile(
+    r"^\s+(\d)\s+\((\d+), (\d+), (\d+), (\d+)\)\s+([\d,]+)\s+(\d+)\s+(\S+)\s+(\S+)\s+"
+    r"([\d.]+)\s+([\d.]+)\s+(\d+)$",
+    flags=re.MULTILINE,
+)
 
 
-def test_demo_reports_function_preserving_growths(capsys):
-    assert demo.main(["--steps", "8", "--ramp-steps", "4"]) == 0
-    out = capsys.readouterr().out
-    rows = re.findall(
-        r"^\s+(\d)\s+\((\d+), (\d+), (\d+), (\d+)\)\s+([\d,]+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$",
-        out,
-        flags=re.MULTILINE,
+def _run_demo(out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_msg.cli", "demo", "--out", str(out), *MINI],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert [int(r[0]) for r in rows] == list(range(len(demo.STAGES)))
-    assert [tuple(int(x) for x in r[1:5]) for r in rows] == demo.STAGES
+
+
+def test_demo_grows_through_all_dimensions_preserving_the_loss(tmp_path):
+    proc = _run_demo(tmp_path / "demo")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = ROW.findall(proc.stdout)
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3], proc.stdout[-3000:]
+    shapes = [tuple(int(x) for x in r[1:5]) for r in rows]
+    grown = [{i for i in range(4) if b[i] > a[i]} for a, b in itertools.pairwise(shapes)]
+    assert set().union(*grown) == {0, 1, 2, 3}  # hidden, ffn, heads, layers all grew
     params = [int(r[5].replace(",", "")) for r in rows]
-    assert params == sorted(params) and len(set(params)) == len(params)
+    assert params == sorted(params) and len(set(params)) == 4
     for row in rows[1:]:
-        before, after, delta = float(row[6]), float(row[7]), float(row[8])
-        assert delta <= 1e-5, row
-        assert abs(before - after) <= 1e-5, row
-    initial = float(re.search(r"eval loss (\d+\.\d+)", out).group(1))
-    assert float(rows[-1][9]) < initial - 0.5  # it learned the Markov chain somewhat
-    assert "every growth function-preserving" in out
-    assert re.search(r"grown; \d+ masks ramp to 1 over 4 steps", out)
+        before, after = float(row[7]), float(row[8])
+        assert abs(after - before) <= 1e-5 * before, row  # growth preserved the probe loss
+    assert float(rows[-1][10]) < float(rows[0][9]) - 0.3  # the loss fell
+    assert all(int(r[11]) > 0 for r in rows)  # tokens/s
+    assert "growth preserved the loss" in proc.stdout
+    run = tmp_path / "demo" / "run"
+    assert (run / "loss.png").stat().st_size > 1000
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    growths = [e for e in events if e["kind"] == "growth"]
+    assert [g["step"] for g in growths] == [6, 12, 18]
+    for g in growths:  # the JSONL holds the unrounded values
+        assert abs(g["loss_after"] - g["loss_before"]) <= 1e-5 * g["loss_before"], g
+    assert (tmp_path / "demo" / "data" / "spm512.model").exists()
+    assert "reusing" not in proc.stdout
 
 
-def test_optimizer_moments_are_carried_over():
-    config = demo.stage_config(demo.STAGES[0])
-    data = demo.MarkovStream(seed=0)
-    model = demo.GPTModel(config, groups=demo.ProcessGroups.single(), init_seed=0)
-    opt = demo.make_optimizer(model, lr=1e-3)
-    demo.train(model, opt, data, steps=2, ramp=None, log_every=0)
-    new_config = demo.stage_config(demo.STAGES[3])
-    result = grow(model.to_canonical(), config, new_config)
-    grown = demo.GPTModel.from_canonical(result.state, new_config, groups=model.groups)
-    new_opt = demo.carry_optimizer(model, opt, grown, result.maps, lr=1e-3)
-    old_params = dict(model.named_parameters())
-    for name, param in grown.named_parameters():
-        tmap = result.maps.tensors[name]
-        state = new_opt.state[param]
-        old_state = opt.state[old_params[tmap.source]]
-        assert torch.equal(state["exp_avg"][tmap.index], old_state["exp_avg"]), name
-        assert state["exp_avg_sq"].sum() == pytest.approx(old_state["exp_avg_sq"].sum().item())
-        assert float(state["step"]) == 2.0
-    demo.train(grown, new_opt, data, steps=1, ramp=None, log_every=0)  # the state is usable
+def test_corpus_is_deterministic_and_skips_tests(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    docs, nbytes = build_corpus(first, max_bytes=50_000)
+    assert docs >= 1 and nbytes >= 50_000
+    build_corpus(second, max_bytes=50_000)
+    assert first.read_bytes() == second.read_bytes()
+    texts = [json.loads(line)["text"] for line in first.read_text().splitlines()]
+    assert all(t.strip() for t in texts)
+    assert not any({"test", "site-packages"} & set(p.parts) for p in stdlib_sources())
 
 
-def test_bad_arguments_exit_with_usage_error():
+def test_bad_arguments_exit_with_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
-        demo.main(["--steps", "0"])
+        demo.main(["--steps-per-stage", "1"])
     assert info.value.code == 2
+    assert "steps_per_stage" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_bytes"):
+        build_corpus(Path("/nonexistent/x.jsonl"), max_bytes=10)
