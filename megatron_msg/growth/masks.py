@@ -27,10 +27,19 @@ from megatron_msg.parallel.random import shard_tensor
 MaskValue = torch.Tensor | float
 
 
+def _holds(model: GPTModel, name: str) -> bool:
+    """Whether ``model`` holds mask ``name``: always for a GPTModel; a pipeline stage
+    (model/pipeline.py) holds the hidden mask and the masks of its own layers."""
+    holds = getattr(model, "holds_mask", None)
+    return True if holds is None else bool(holds(name))
+
+
 def _local_masks(model: GPTModel) -> dict[str, torch.Tensor]:
-    """This rank's shards of the unfolded masks, in canonical order."""
+    """This rank's shards of the unfolded masks it holds, in canonical order."""
     local = {}
     for name in mask_specs(model.config):
+        if not _holds(model, name):
+            continue
         owner, key = model.mask_owner(name)
         value = owner.get(key)
         if value is not None:
@@ -44,9 +53,12 @@ def present_masks(model: GPTModel) -> list[str]:
 
 
 def get_masks(model: GPTModel) -> dict[str, torch.Tensor]:
-    """Full canonical values (fp32) of every unfolded mask; collective over TP."""
+    """Full canonical values (fp32) of every unfolded mask; collective over TP (and over
+    the pipeline stages for a pipeline stage module, which each hold some layers)."""
     local = {n: v.to(torch.float32) for n, v in _local_masks(model).items()}
-    return gather_canonical(local, model.config, groups=model.groups)
+    full = gather_canonical(local, model.config, groups=model.groups)
+    merge = getattr(model, "merge_stages", None)
+    return full if merge is None else dict(merge(full))
 
 
 def get_mask(model: GPTModel, name: str) -> torch.Tensor | None:
@@ -90,8 +102,10 @@ def set_masks(model: GPTModel, masks: Mapping[str, MaskValue]) -> None:
     """
     full = {name: _full_value(model, name, value) for name, value in masks.items()}
     specs = mask_specs(model.config)
-    device = model.embed.word.weight.device
+    device = next(model.parameters()).device
     for name, value in full.items():
+        if not _holds(model, name):
+            continue  # another pipeline stage's layer
         owner, key = model.mask_owner(name)
         local = shard_tensor(value, dim=specs[name].split_dim, groups=model.groups)
         owner.put(key, local.to(device))
@@ -172,6 +186,8 @@ class MaskRamp:
         """Write the current values into ``model`` (e.g. after a resume); fold when done."""
         if self.done:
             for name in self.start:
+                if not _holds(model, name):
+                    continue
                 owner, key = model.mask_owner(name)
                 owner.fold(key)
             return

@@ -14,9 +14,8 @@ What this adds to ``deepspeed.initialize``:
   DeepSpeed's ``safe_get/set_full_*`` utilities; at ZeRO-0 in fp32 the module
   parameters are the masters and the optimizer is our own AdamW.
 
-Pipeline parallelism (a ``PipelineModule`` of our blocks) will be a second
-engine class with the same public methods; nothing here assumes pp == 1
-beyond the config check that currently rejects it.
+Pipeline parallelism is ``PipelineTrainEngine`` (training/pipeline.py), a
+subclass with the same public methods; :func:`create_engine` picks the class.
 """
 
 from __future__ import annotations
@@ -134,12 +133,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def create_engine(model: GPTModel, *, config: TrainConfig, groups: ProcessGroups) -> TrainEngine:
+    """The engine for ``config``: :class:`TrainEngine`, or the pipeline engine for pp > 1."""
+    if config.parallel.pp > 1:
+        from megatron_msg.training.pipeline import PipelineTrainEngine
+
+        return PipelineTrainEngine(model, config=config, groups=groups)
+    return TrainEngine(model, config=config, groups=groups)
+
+
 class TrainEngine:
     """A GPTModel wrapped by DeepSpeed; see the module docstring."""
 
     def __init__(self, model: GPTModel, *, config: TrainConfig, groups: ProcessGroups) -> None:
         if config.parallel.pp > 1:
-            raise ConfigError(f"TrainEngine handles pp == 1, got pp={config.parallel.pp}")
+            raise ConfigError(
+                f"TrainEngine handles pp == 1, got pp={config.parallel.pp} (use create_engine)"
+            )
         self.config, self.groups = config, groups
         mpu = _mpu_of(groups)
         self.engine, _, _, _ = deepspeed.initialize(

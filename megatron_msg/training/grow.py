@@ -36,7 +36,7 @@ from megatron_msg.growth.optimizer_state import carry_moments
 from megatron_msg.model import GPTModel
 from megatron_msg.parallel.groups import ProcessGroups
 from megatron_msg.training.config import GrowthStage, TrainConfig
-from megatron_msg.training.engine import TrainEngine, TrainState
+from megatron_msg.training.engine import TrainEngine, TrainState, create_engine
 
 
 @dataclass
@@ -89,7 +89,7 @@ def grow_engine(
     model = GPTModel.from_canonical(
         result.state, new_model, groups=groups, dtype=dtype, device=device
     )
-    new_engine = TrainEngine(model, config=_with_model(config, new_model), groups=groups)
+    new_engine = create_engine(model, config=_with_model(config, new_model), groups=groups)
     new_engine.set_state(grown)
     ramp = MaskRamp.from_model(new_engine.module, ramp_steps=stage.ramp_steps)
     return GrowthOutcome(engine=new_engine, ramp=ramp, seconds=time.perf_counter() - start)

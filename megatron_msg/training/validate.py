@@ -57,10 +57,9 @@ def _resolve_parallel(config: TrainConfig, world_size: int, report: Report) -> P
         )
     if p.zero_stage not in (0, 1, 2):
         report(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
-    if p.pp > 1:
-        report(
-            f"parallel.pp ({p.pp}) > 1: pipeline parallelism is not supported by the trainer yet"
-        )
+    if p.pp > 1 and p.zero_stage != 1:
+        # DeepSpeed's PipelineEngine rejects ZeRO-2; at ZeRO-0 it would clip with its own norm.
+        report(f"parallel.pp ({p.pp}) > 1 needs parallel.zero_stage 1, got {p.zero_stage}")
     return dataclasses.replace(p, dp=dp)
 
 
