@@ -175,7 +175,7 @@ def verdict(rows: list[StageRow]) -> tuple[bool, str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-msg demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    p.add_argument("--steps-per-stage", type=int, default=150, help="optimizer steps per stage")
+    p.add_argument("--steps-per-stage", type=int, default=250, help="optimizer steps per stage")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3)
