@@ -12,10 +12,10 @@ TP/PP/DP. This module does that step:
   store. A copied layer reads its source again, so peak memory is about the
   source and the grown copy of the largest tensor, never the model.
 - New masks start at 0 and the ramp is scheduled in ``meta.masks["ramp"]``:
-  ``{"ramp_steps": R, "steps_done": 0, "start": [mask names]}``, the scalar
-  fields of ``MaskRamp.state_dict()`` with ``start`` listing the ramped masks,
-  whose start values are the mask tensors stored in this checkpoint
-  (:func:`load_ramp` rebuilds the ``MaskRamp``).
+  the ``MaskRamp.state_dict()`` of a fresh ramp (``steps_done`` 0) over every
+  unfolded mask, start values run-length encoded
+  (``checkpoint.run_meta.encode_ramp``, as a converted training checkpoint
+  stores its ramp), which ``megatron-msg train`` resumes.
 - Nothing is written before every check passed (paths, configs, shapes, TP
   layout, disk space). The store is built under a hidden temporary name,
   verified there, and only then renamed to ``--save``; a failed check or
@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from megatron_msg.checkpoint.canonical import (
     CanonicalReader,
     CanonicalWriter,
 )
+from megatron_msg.checkpoint.run_meta import encode_ramp
 from megatron_msg.checkpoint.safetensors_files import (
     DTYPE_SIZES,
     CanonicalCheckpointError,
@@ -58,7 +59,6 @@ from megatron_msg.growth.grow_verify import (
     VerifyReport,
     verify_growth,
 )
-from megatron_msg.growth.masks import MaskRamp
 from megatron_msg.growth.operators import (
     DEPTH_STRATEGIES,
     INIT_SCHEMES,
@@ -84,7 +84,6 @@ __all__ = [
     "GrowOptions",
     "GrowReport",
     "grow_checkpoint",
-    "load_ramp",
     "main",
 ]
 
@@ -137,7 +136,6 @@ class GrowReport:
     grow_seconds: float
     verify_seconds: float
     verification: VerifyReport | None = None
-    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         s, t = self.source, self.target
@@ -187,24 +185,6 @@ def grow_checkpoint(
     return report
 
 
-def load_ramp(reader: CanonicalReader) -> MaskRamp | None:
-    """The mask ramp a grown checkpoint schedules (``meta.masks["ramp"]``), or None.
-
-    ``start`` may list mask names (values: the stored masks) or map names to
-    value lists (the exact ``MaskRamp.state_dict()`` form, for JSON)."""
-    state = reader.meta.masks.get("ramp")
-    if state is None:
-        return None
-    start = state.get("start")
-    if isinstance(start, list):
-        values = {name: reader.get(name) for name in start}
-    elif isinstance(start, Mapping):
-        values = {name: torch.tensor(v, dtype=torch.float32) for name, v in start.items()}
-    else:
-        raise ConfigError(f"{reader.path}: meta.masks.ramp.start must be a list or mapping")
-    return MaskRamp.from_state_dict({**state, "start": values})
-
-
 # ------------------------------------------------------------------ checks
 
 
@@ -230,7 +210,7 @@ def _target(
         )
     if target is not None:
         return target
-    assert sizes is not None
+    sizes = sizes or {}
     unknown = sorted(set(sizes) - set(SIZE_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown size option(s) {unknown}; known: {sorted(SIZE_OPTIONS)}")
@@ -239,7 +219,11 @@ def _target(
 
 def _plan(reader: CanonicalReader, target: ModelConfig, options: GrowOptions) -> GrowthPlan:
     source = reader.meta.model
-    target.validate(tp_size=options.tp, pp_size=options.pp)
+    try:
+        target.validate(tp_size=options.tp, pp_size=options.pp)
+    except ConfigError as err:
+        where = f"target ({_shape(target)}) at tp={options.tp}, pp={options.pp}"
+        raise ConfigError(f"{where}: {err}") from None
     shapes = {n: reader.entry(n).shape for n in reader.names("weights")}
     plan = plan_growth(
         shapes,
@@ -327,8 +311,9 @@ def _grow_into(
             disable=not options.progress,
             mininterval=0.5,
         ) as bar:
-            counts = _stream(reader, plan, writer, options.moment_policy, bar)
-        writer.finalize(_grown_meta(reader, plan, options))
+            masks: dict[str, torch.Tensor] = {}
+            counts = _stream(reader, plan, writer, options.moment_policy, bar, masks)
+        writer.finalize(_grown_meta(reader, plan, options, masks))
     grow_seconds = time.perf_counter() - start
     verification = None
     if options.verify != "off":
@@ -395,8 +380,10 @@ def _stream(
     writer: CanonicalWriter,
     policy: str,
     bar: Any,
+    masks: dict[str, torch.Tensor],
 ) -> tuple[int, int, int]:
-    """Build and write every grown tensor and its moments; returns (tensors, written, read)."""
+    """Build and write every grown tensor and its moments; returns (tensors, written, read)
+    and puts the grown masks into ``masks``."""
     source = UnmappedReader(reader)
     param_dtype = torch_dtype(reader.entry("embed.word.weight").dtype)
     means = None
@@ -410,9 +397,13 @@ def _stream(
         for name, tmap in plan.maps.tensors.items():
             old = None if tmap.source is None else source.read(tmap.source)
             read += 0 if old is None else old.nbytes
-            sink.add(name, plan.build(name, old, dtype=param_dtype, consume=True), "weights")
+            grown = plan.build(name, old, dtype=param_dtype, consume=True)
+            sink.add(name, grown, "weights")
             del old  # a copied layer reads its source again instead of keeping it
-            if is_mask_name(name) or not _has_moments(reader, tmap.source):
+            if is_mask_name(name):
+                masks[name] = grown  # small; never modified, so no copy
+                continue
+            if not _has_moments(reader, tmap.source):
                 continue
             for moment in MOMENTS:
                 old = None if tmap.source is None else source.read(tmap.source, kind=moment)
@@ -428,7 +419,12 @@ def _stream(
     return sink.tensors, sink.written, read
 
 
-def _grown_meta(reader: CanonicalReader, plan: GrowthPlan, options: GrowOptions) -> CanonicalMeta:
+def _grown_meta(
+    reader: CanonicalReader,
+    plan: GrowthPlan,
+    options: GrowOptions,
+    masks: Mapping[str, torch.Tensor],
+) -> CanonicalMeta:
     old = reader.meta
     with_moments = {
         n
@@ -436,14 +432,13 @@ def _grown_meta(reader: CanonicalReader, plan: GrowthPlan, options: GrowOptions)
         if not is_mask_name(n) and _has_moments(reader, m.source)
     }
     steps = carry_adam_steps(old.adam_step, plan.maps, step=old.step)
-    masks = [n for n in plan.maps.tensors if is_mask_name(n)]
     history = list(old.extra.get("growth_history", []))
     history.append(
         {
             "from": str(reader.path.resolve()),
             "source_model": old.model.to_dict(),
             "source_step": old.step,
-            "init": options.init if isinstance(options.init, str) else "callable",
+            "init": options.init,
             "depth_strategy": options.depth_strategy,
             "moment_policy": options.moment_policy,
             "seed": options.seed,
@@ -455,7 +450,9 @@ def _grown_meta(reader: CanonicalReader, plan: GrowthPlan, options: GrowOptions)
         step=old.step,
         stage=old.stage + 1,
         adam_step={n: s for n, s in steps.items() if n in with_moments},
-        masks={"ramp": {"ramp_steps": options.ramp_steps, "steps_done": 0, "start": masks}},
+        masks={
+            "ramp": encode_ramp({"ramp_steps": options.ramp_steps, "steps_done": 0, "start": masks})
+        },
         data=dict(old.data),
         lr=dict(old.lr),
         extra={**old.extra, "growth_history": history},

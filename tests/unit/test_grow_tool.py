@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from megatron_msg.checkpoint.canonical import CanonicalReader, load_canonical
+from megatron_msg.checkpoint.run_meta import decode_ramp
 from megatron_msg.config import ModelConfig
-from megatron_msg.growth.grow_tool import GrowOptions, grow_checkpoint, load_ramp
+from megatron_msg.growth.grow_tool import GrowOptions, grow_checkpoint
+from megatron_msg.growth.masks import MaskRamp
 from megatron_msg.growth.operators import GrowthPlan, grow, is_mask_name, plan_growth
 from megatron_msg.growth.optimizer_state import SquareMeans, carry_moments, carry_tensor
 from megatron_msg.growth.unmapped_reader import UnmappedReader
@@ -107,14 +109,18 @@ def test_masks_at_zero_and_ramp_scheduled(tmp_path: Path) -> None:
     with CanonicalReader(tmp_path / "dst") as reader:
         masks = {n: reader.get(n) for n in reader.names() if is_mask_name(n)}
         ramp_meta = reader.meta.masks["ramp"]
-        ramp = load_ramp(reader)
     assert torch.equal(masks["masks.hidden"], torch.cat([torch.ones(32), torch.zeros(16)]))
     assert torch.equal(masks["layers.1.masks.ffn"], torch.cat([torch.ones(64), torch.zeros(32)]))
     assert torch.equal(masks["layers.0.masks.heads"], torch.tensor([1.0, 1.0, 0.0]))
     assert float(masks["layers.3.masks.depth"]) == 0.0 and "layers.1.masks.depth" not in masks
+    # The ramp a resumed run picks up: MaskRamp.state_dict() of a fresh ramp over every mask,
+    # start values run-length encoded (as a converted training checkpoint stores them).
     assert ramp_meta["ramp_steps"] == 37 and ramp_meta["steps_done"] == 0
-    assert sorted(ramp_meta["start"]) == sorted(masks)
-    assert ramp is not None and ramp.ramp_steps == 37 and not ramp.done
+    assert ramp_meta["start"]["masks.hidden"] == {"shape": [48], "runs": [[1.0, 32], [0.0, 16]]}
+    state = decode_ramp({"ramp": ramp_meta})
+    assert state is not None
+    ramp = MaskRamp.from_state_dict(state)
+    assert ramp.ramp_steps == 37 and not ramp.done and sorted(ramp.start) == sorted(masks)
     assert all(torch.equal(ramp.start[n], masks[n]) for n in masks)
 
 
