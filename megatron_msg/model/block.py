@@ -29,6 +29,15 @@ LAYER_MASKS = ("heads", "ffn", "depth")
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
+def set_recompute(module: nn.Module, mode: str) -> None:
+    """Set the recomputation mode of every :class:`Block` inside ``module``."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+    for sub in module.modules():
+        if isinstance(sub, Block):
+            sub.recompute = mode
+
+
 def recomputed(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rng: ParallelRNG | None
 ) -> torch.Tensor:

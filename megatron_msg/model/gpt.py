@@ -17,7 +17,7 @@ from torch import nn
 
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.attention import Rope, rope_tables
-from megatron_msg.model.block import RECOMPUTE_MODES, Block
+from megatron_msg.model.block import Block, set_recompute
 from megatron_msg.model.canonical import (
     CanonicalStateError,
     canonical_specs,
@@ -159,11 +159,7 @@ class GPTModel(nn.Module):
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation of every block: ``none``, ``selective`` or ``full``
         (see :mod:`megatron_msg.model.block`). Changes memory and time, never results."""
-        if mode not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
-        for layer in self.layers:
-            assert isinstance(layer, Block)
-            layer.recompute = mode
+        set_recompute(self, mode)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2:

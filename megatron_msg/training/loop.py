@@ -18,9 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_msg.checkpoint.resume import load_canonical_into, open_canonical_start
 from megatron_msg.config import ConfigError
 from megatron_msg.growth.masks import MaskRamp
 from megatron_msg.model import GPTModel
+from megatron_msg.model.block import set_recompute
 from megatron_msg.parallel.groups import ProcessGroups
 from megatron_msg.training import checkpoint as ckpt
 from megatron_msg.training.config import TrainConfig, write_resolved
@@ -85,7 +87,8 @@ class Trainer:
         self.last_grad_norm: float | None = None
         self.elapsed, self.tokens = 0.0, 0
         tag = ckpt.latest_tag(self.config.checkpoint_dir) if self.config.checkpoint.resume else None
-        self.engine = self._resume(tag) if tag else self._fresh_engine()
+        # A checkpoint of this run wins over checkpoint.load (a restarted job resumes).
+        self.engine = self._resume(tag) if tag else self._start()
         self._open_logs(resumed=tag is not None)
 
     # ---- setup --------------------------------------------------------------
@@ -99,7 +102,32 @@ class Trainer:
             device=self.device,
             init_seed=init_seed,
         )
-        return TrainEngine(model, config=_stage_config(self.config, stage), groups=self.groups)
+        engine = TrainEngine(model, config=_stage_config(self.config, stage), groups=self.groups)
+        set_recompute(engine.module, self.config.train.recompute)
+        return engine
+
+    def _start(self) -> TrainEngine:
+        """A new run: from the canonical store ``checkpoint.load`` if given, else from init."""
+        if not self.config.checkpoint.load:
+            return self._fresh_engine()
+        start = open_canonical_start(self.config.checkpoint.load, self.config)
+        try:
+            engine = self._new_engine(start.stage, init_seed=None)
+            load_canonical_into(engine, start, groups=self.groups, seed=self.config.train.seed)
+        finally:
+            start.reader.close()
+        if start.ramp is not None:
+            self.ramp = MaskRamp.from_state_dict(start.ramp)
+            self.ramp.apply(engine.module)
+        if start.lr:
+            self.lr.load_state_dict(start.lr)
+        self.step, self.stage = start.step, start.stage
+        c = start.counters
+        self.skipped = int(c.get("skipped_steps", 0))
+        self.nonfinite_in_row = int(c.get("nonfinite_in_row", 0))
+        self.elapsed, self.tokens = float(c.get("elapsed", 0.0)), int(c["tokens"])
+        self.summary.resumed_from = str(start.path)
+        return engine
 
     def _fresh_engine(self) -> TrainEngine:
         return self._new_engine(0, init_seed=self.config.train.seed)
@@ -229,6 +257,7 @@ class Trainer:
             seed=self.config.train.seed + new_stage,
         )
         self.engine, self.ramp, self.stage = outcome.engine, outcome.ramp, new_stage
+        set_recompute(self.engine.module, self.config.train.recompute)
         after = self.engine.eval_loss(*self.probe)
         if self.config.lr.rewind_on_growth:
             self.lr.rewind(step=self.step)
