@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from megatron_msg.config import ConfigError, ModelConfig
+from megatron_msg.growth.optimizer_state import DEFAULT_MOMENT_POLICY
 from megatron_msg.training.schema import build_dataclass, parse_override, set_dotted
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
@@ -85,7 +86,7 @@ class GrowthStage:
     ramp_steps: int = 100
     init: str = "normal"
     depth_strategy: str = "stack"
-    moment_policy: str = "zero"  # or "mean_sq"; see training/grow.py
+    moment_policy: str = DEFAULT_MOMENT_POLICY  # or "mean_sq"; see growth/optimizer_state.py
 
 
 @dataclass

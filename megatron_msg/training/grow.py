@@ -1,25 +1,11 @@
 """Growth inside a run: canonical state out of the engine, grow, a new engine, state back in.
 
 Old entries keep their fp32 master weights, Adam moments and Adam step exactly;
-new entries get the operator's init and a *moment policy*:
-
-- ``zero`` (default; the MSG reference code): exp_avg = exp_avg_sq = 0. Adam's
-  bias correction uses the tensor's old step count t, so a new entry's first
-  update is (1-b1)/sqrt(1-b2) lr-sized whatever the size of its gradient
-  (3.2 lr at b2 = 0.999, 0.45 lr at b2 = 0.95): a unit behind a mask near 0
-  has a tiny gradient yet takes full-size, sign-driven steps.
-- ``mean_sq``: exp_avg = 0, exp_avg_sq = the mean exp_avg_sq of the tensor's
-  old entries (of the same tensor in the other layers for a brand-new one), so
-  the first updates are g / sqrt(mean v): proportional to the gradient, as for
-  an old entry. New units then move slowly while their masks are small.
-
-Measured on the tiny CPU example (examples/tiny_cpu, width + heads growth at
-step 60 of 110, ramp 20, no LR rewind; 3 runs over two seeds and b2 in
-{0.95, 0.999}), ``zero`` reached a 1.7-2.6% lower mean loss over steps 81-110
-than ``mean_sq``; the bounded first steps cost more than the large ones do, so
-``zero`` stays the default until a larger benchmark says otherwise.
-The policies themselves live in ``growth/optimizer_state.py`` (shared with the
-offline growth tool).
+new entries get the operator's init and a *moment policy* (``zero``, the
+default, or ``mean_sq``). The policies, the default (``DEFAULT_MOMENT_POLICY``,
+shared with the offline growth tool) and the measurement that chose it are
+documented in ``growth/optimizer_state.py``; the figures are in
+benchmarks/RESULTS.md (``benchmarks/moment_policy.py``).
 """
 
 from __future__ import annotations

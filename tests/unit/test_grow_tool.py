@@ -127,7 +127,13 @@ def test_masks_at_zero_and_ramp_scheduled(tmp_path: Path) -> None:
 def test_streamed_growth_equals_in_memory_grow(tmp_path: Path) -> None:
     """One implementation: the tool's tensors are grow()'s and carry_moments()'s, bitwise."""
     source = write_source(tmp_path / "src")
-    _grow(tmp_path / "src", tmp_path / "dst", depth_strategy="random", seed=11)
+    _grow(
+        tmp_path / "src",
+        tmp_path / "dst",
+        depth_strategy="random",
+        seed=11,
+        moment_policy="mean_sq",
+    )
     grown = load_canonical(tmp_path / "dst")
     expected = grow(source["weights"], SMALL, _target(SMALL), depth_strategy="random", seed=11)
     assert list(grown.weights) == list(expected.state)
