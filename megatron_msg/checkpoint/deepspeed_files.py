@@ -154,11 +154,13 @@ class NativeLayout:
     dp: int
     zero_stage: int
     bf16: bool
+    num_layers: int  # decoder layers of the checkpoint's model (pipeline layer files)
 
     @classmethod
-    def of(cls, folder: Path, config: TrainConfig) -> NativeLayout:
+    def of(cls, folder: Path, config: TrainConfig, *, stage: int) -> NativeLayout:
         p = config.parallel
-        return cls(folder, p.tp, p.pp, p.dp, p.zero_stage, config.train.dtype == "bf16")
+        layers = config.stage_models()[stage].num_layers
+        return cls(folder, p.tp, p.pp, p.dp, p.zero_stage, config.train.dtype == "bf16", layers)
 
     def describe(self) -> str:
         dtype = "bf16" if self.bf16 else "fp32"
@@ -174,11 +176,19 @@ class NativeLayout:
         prefix = "bf16_" if self.bf16 else ""
         return self.folder / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
 
+    def layer_file(self, index: int, *, tp_rank: int) -> Path:
+        """DeepSpeed ``PipelineModule`` weights of item ``index`` of the layer list
+        ``[embedding, block 0 .. block L-1, head]`` (pp > 1 only)."""
+        return self.folder / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
+
     def expected_files(self) -> list[Path]:
         mps = range(self.tp * self.pp)
         files = [self.model_file(m) for m in mps]
         if self.zero_stage > 0:
             files += [self.optim_file(dp_rank=d, mp_rank=m) for m in mps for d in range(self.dp)]
+        if self.pp > 1:
+            items = range(self.num_layers + 2)
+            files += [self.layer_file(i, tp_rank=t) for i in items for t in range(self.tp)]
         return files
 
     def check_files(self) -> None:

@@ -1,20 +1,14 @@
 """Read a ``megatron-msg train`` checkpoint (DeepSpeed's native files) as canonical tensors.
 
 For every parameter we need its fp32 master, Adam ``exp_avg`` / ``exp_avg_sq``
-and step, whatever the topology the run used:
-
-- ZeRO 1/2 (fp32 or bf16): each DP rank's ``*_optim_states.pt`` holds one flat
-  fp32 partition per parameter group (``single_partition_of_fp32_groups``) and
-  the matching flat moments (``base_optimizer_state.state[g]``). Which elements
-  of a partition belong to which parameter is DeepSpeed's own record,
-  ``param_slice_mappings`` (name -> start, numel in that partition): the same
-  table DeepSpeed's ``ds_to_universal`` uses, so alignment padding and the
-  round-robin parameter order are DeepSpeed's business, not re-derived here.
-  A parameter's fragments, in DP-rank order, are its flattened local shard;
-  ``param_shapes`` in the model-states file gives its shape.
-- ZeRO 0 (fp32 only): the model-states file holds the module (whose fp32
-  parameters are the masters) and torch AdamW's ``state_dict()``, whose
-  parameter ids follow the trainer's :func:`build_optimizer` grouping.
+and step, whatever the topology the run used; :mod:`deepspeed_ranks` takes
+them out of one model-parallel rank's files (ZeRO 1/2: the flat fp32
+partitions of every DP rank, located by DeepSpeed's own
+``param_slice_mappings``, the table its ``ds_to_universal`` uses, so alignment
+padding and the round-robin order stay DeepSpeed's business; ZeRO 0: the
+module and AdamW's state_dict). Here the ranks' slices are merged by the
+canonical TP split rules and the pipeline stages collected by layer
+(:mod:`reshard`); the result is streamed into a canonical store.
 
 Why not DeepSpeed's converters directly: ``zero_to_fp32`` returns weights only
 (no moments), reads only ``mp_rank_00`` (no TP) and concatenates every DP
@@ -23,8 +17,12 @@ partition in memory; ``ds_to_universal`` does moments but requires Megatron's
 state, and has no ZeRO-0 path; and all of them unpickle with
 ``weights_only=False``, which we never do (see :mod:`deepspeed_files`).
 
-TP slices are then merged by the canonical split rules and pipeline stages
-collected by layer name (:mod:`megatron_msg.checkpoint.reshard`).
+Pipeline stages (pp > 1) are DeepSpeed ``PipelineModule`` checkpoints of our
+``GPTPipe``: parameters named by pipeline item (``reshard.pipeline_module_naming``),
+masks in the per-layer files, the last stage's copy of a tied word embedding
+checked bitwise against the first stage's. ``masks.hidden`` is in no layer
+file, so while a ramp runs it is recomputed from the saved ramp state (as a
+resumed run does).
 
 Memory: files are memory-mapped; tensors are produced one canonical tensor
 (and kind) at a time, so the converter holds about twice the largest tensor
@@ -49,196 +47,22 @@ from megatron_msg.checkpoint.deepspeed_files import (
     NativeLayout,
     find_tag_dir,
     read_run_state,
-    safe_load,
 )
-from megatron_msg.checkpoint.reshard import StageNaming, locate_stages, merge_tp
+from megatron_msg.checkpoint.deepspeed_ranks import RankState, open_rank
+from megatron_msg.checkpoint.reshard import (
+    StageNaming,
+    locate_stages,
+    merge_tp,
+    pipeline_module_naming,
+)
 from megatron_msg.checkpoint.run_meta import canonical_meta
 from megatron_msg.checkpoint.safetensors_files import refuse_existing
-from megatron_msg.config import ConfigError, ModelConfig
+from megatron_msg.config import ConfigError
 from megatron_msg.model.canonical import canonical_specs
-from megatron_msg.training.config import TrainConfig
 
 __all__ = ["KINDS", "ConvertReport", "NativeCheckpoint", "RankState", "convert_to_canonical"]
 
 KINDS = ("weights", "exp_avg", "exp_avg_sq")
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-class RankState:
-    """Fp32 masters, moments, Adam steps and masks of one model-parallel rank (local shards)."""
-
-    def __init__(self, path: Path, states: dict[str, Any]) -> None:
-        self.path = path
-        module = states.get("module")
-        if not isinstance(module, dict):
-            raise DeepSpeedCheckpointError(f"{path}: no module state_dict in it")
-        buffers = set(states.get("buffer_names") or [])
-        # Masks are fp32 buffers (DeepSpeed casts only parameters to bf16).
-        self.masks = {n: t.to(torch.float32) for n, t in module.items() if n in buffers}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.steps: dict[str, int] = {}
-
-    def get(self, name: str, kind: str) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _Stage0Rank(RankState):
-    """ZeRO-0: module parameters are the masters; moments in AdamW's state_dict."""
-
-    def __init__(self, path: Path, states: dict[str, Any], order: list[list[str]]) -> None:
-        super().__init__(path, states)
-        module = states["module"]
-        params = [n for n in module if n not in self.masks]
-        self._weights = {n: module[n] for n in params}
-        low = {n: t.dtype for n, t in self._weights.items() if t.dtype != torch.float32}
-        if low:
-            raise DeepSpeedCheckpointError(
-                f"{path}: ZeRO-0 parameters in {sorted(set(low.values()))} (e.g. {next(iter(low))}) "
-                "carry no fp32 masters"
-            )
-        self.shapes = {n: tuple(t.shape) for n, t in self._weights.items()}
-        self._state: dict[str, dict[str, Any]] = {}
-        optimizer = states.get("optimizer")
-        if not isinstance(optimizer, dict) or "param_groups" not in optimizer:
-            raise DeepSpeedCheckpointError(
-                f"{path}: no optimizer state_dict (ZeRO-0 keeps it here)"
-            )
-        ids = [list(g["params"]) for g in optimizer["param_groups"]]
-        if [len(g) for g in ids] != [len(g) for g in order] or set(params) != {
-            n for g in order for n in g
-        }:
-            raise DeepSpeedCheckpointError(
-                f"{path}: optimizer groups of sizes {[len(g) for g in ids]} do not match the "
-                f"model's parameters grouped as the trainer does ({[len(g) for g in order]})"
-            )
-        state = optimizer.get("state", {})
-        for group_ids, group_names in zip(ids, order):
-            for pid, name in zip(group_ids, group_names):
-                self._state[name] = state.get(pid, {})
-                self.steps[name] = int(self._state[name].get("step", 0))
-                for key in _MOMENTS:
-                    value = self._state[name].get(key)
-                    if value is not None and tuple(value.shape) != self.shapes[name]:
-                        raise DeepSpeedCheckpointError(
-                            f"{path}: {key} of {name} has shape {tuple(value.shape)}, "
-                            f"the parameter {self.shapes[name]}"
-                        )
-
-    def get(self, name: str, kind: str) -> torch.Tensor:
-        if kind == "weights":
-            return self._weights[name].to(torch.float32).clone()
-        value = self._state[name].get(kind)
-        if value is None:  # no step taken yet: Adam's moments are zero
-            return torch.zeros(self.shapes[name], dtype=torch.float32)
-        return value.to(torch.float32).clone()
-
-
-class _ZeroRank(RankState):
-    """ZeRO 1/2: the parameter's fragments in each DP rank's flat fp32 partitions."""
-
-    def __init__(self, path: Path, states: dict[str, Any], optim_paths: list[Path]) -> None:
-        super().__init__(path, states)
-        groups = states.get("param_shapes")
-        if not isinstance(groups, list):
-            raise DeepSpeedCheckpointError(f"{path}: no param_shapes (not a ZeRO checkpoint?)")
-        self._group_of = {n: g for g, shapes in enumerate(groups) for n in shapes}
-        self.shapes = {n: tuple(int(d) for d in s) for shapes in groups for n, s in shapes.items()}
-        # name -> [(dp rank, start, numel)]; flats[dp][kind][group] are memory-mapped.
-        self._fragments: dict[str, list[tuple[int, int, int]]] = {n: [] for n in self.shapes}
-        self._flats: list[dict[str, list[torch.Tensor]]] = []
-        self._dp = len(optim_paths)
-        group_steps: list[list[int]] = []
-        for dp_rank, optim_path in enumerate(optim_paths):
-            group_steps.append(self._add_partition(dp_rank, optim_path, len(groups)))
-        for name, shape in self.shapes.items():
-            have = sum(n for _, _, n in self._fragments[name])
-            if have != math.prod(shape):
-                files = ", ".join(p.name for p in optim_paths)
-                raise DeepSpeedCheckpointError(
-                    f"{path.parent}: the DP partitions ({files}) hold {have} elements of {name}, "
-                    f"its shape {shape} has {math.prod(shape)}"
-                )
-        for g, steps in enumerate(zip(*group_steps)):
-            if len(set(steps)) != 1:
-                raise DeepSpeedCheckpointError(
-                    f"{path.parent}: Adam steps of parameter group {g} differ across DP ranks: "
-                    f"{list(steps)}"
-                )
-        self.steps = {n: group_steps[0][self._group_of[n]] for n in self.shapes}
-
-    def _add_partition(self, dp_rank: int, path: Path, num_groups: int) -> list[int]:
-        optim = safe_load(path).get("optimizer_state_dict")
-        try:
-            mappings = optim["param_slice_mappings"]
-            fp32 = optim["single_partition_of_fp32_groups"]
-            state = optim["base_optimizer_state"]["state"]
-            groups = [state.get(g, {}) for g in range(len(fp32))]
-            flats = {
-                "weights": list(fp32),
-                **{k: [_moment(s, k, f) for s, f in zip(groups, fp32)] for k in _MOMENTS},
-            }
-            steps = [int(s.get("step", 0)) for s in groups]
-            counts = optim["partition_count"]
-        except (KeyError, TypeError, IndexError) as err:
-            raise DeepSpeedCheckpointError(
-                f"{path}: not a ZeRO 1/2 optimizer state ({err!r})"
-            ) from None
-        counts = counts if isinstance(counts, list) else [counts]
-        if len(mappings) != num_groups or len(fp32) != num_groups:
-            raise DeepSpeedCheckpointError(
-                f"{path}: {len(fp32)} parameter groups, the model states file has {num_groups}"
-            )
-        dp = self._dp
-        if any(int(c) != dp for c in counts):
-            raise DeepSpeedCheckpointError(
-                f"{path}: partitioned over {counts} DP ranks, the run's metadata says {dp}"
-            )
-        for g, mapping in enumerate(mappings):
-            sizes = {k: (v[g].numel(), v[g].dtype) for k, v in flats.items()}
-            for name, address in mapping.items():
-                self._add_fragment(path, dp_rank, g, name, address, sizes)
-        self._flats.append(flats)
-        return steps
-
-    def _add_fragment(
-        self, path: Path, dp_rank: int, group: int, name: str, address: Any, sizes: dict[str, Any]
-    ) -> None:
-        if self._group_of.get(name) != group:
-            raise DeepSpeedCheckpointError(
-                f"{path}: {name} in parameter group {group}, which param_shapes of "
-                f"{self.path.name} does not list there"
-            )
-        start, numel = int(address.start), int(address.numel)
-        bad = {k: s for k, s in sizes.items() if s[1] != torch.float32 or start + numel > s[0]}
-        if start < 0 or numel < 0 or bad:
-            raise DeepSpeedCheckpointError(
-                f"{path}: fragment [{start}, {start + numel}) of {name} does not fit the fp32 "
-                f"partitions of group {group} ({bad})"
-            )
-        self._fragments[name].append((dp_rank, start, numel))
-
-    def get(self, name: str, kind: str) -> torch.Tensor:
-        group = self._group_of[name]
-        pieces = [self._flats[d][kind][group].narrow(0, s, n) for d, s, n in self._fragments[name]]
-        return torch.cat(pieces).view(self.shapes[name])  # cat copies out of the mapping
-
-
-def _moment(state: dict[str, Any], key: str, fp32: torch.Tensor) -> torch.Tensor:
-    # Saved before the group's first step: Adam's moments are zero.
-    value = state.get(key)
-    return torch.zeros_like(fp32) if value is None else value
-
-
-def _optimizer_order(model: ModelConfig, config: TrainConfig) -> list[list[str]]:
-    """Parameter names per AdamW group, exactly as the trainer's build_optimizer groups them."""
-    from megatron_msg.model import GPTModel
-    from megatron_msg.parallel.groups import ProcessGroups
-    from megatron_msg.training.engine import build_optimizer
-
-    shell = GPTModel(model, groups=ProcessGroups.single(), device="meta", init_seed=None)
-    names = {id(p): n for n, p in shell.named_parameters()}
-    optimizer = build_optimizer(shell, config)
-    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
 class NativeCheckpoint:
@@ -252,39 +76,29 @@ class NativeCheckpoint:
     current model. Anything else raises :class:`DeepSpeedCheckpointError`
     naming the file (and the tensors, for a layout problem).
 
-    ``naming`` maps a pipeline stage's parameter names to canonical ones when
-    its modules count layers locally (default: names are canonical already).
-    Pipeline-parallel training is not built yet, so PP > 1 is exercised only
-    by the synthetic merge tests of :mod:`reshard`.
+    ``naming`` maps a rank's tensor names to canonical ones (default: identity
+    for pp == 1, :func:`pipeline_module_naming` for pipeline stages).
     """
 
     def __init__(self, folder: Path, *, naming: StageNaming | None = None) -> None:
         self.folder = folder
-        self.naming = naming
         self.run, self.train_config = read_run_state(folder)
         self.model = self.train_config.stage_models()[self.run.stage]
-        self.layout = NativeLayout.of(folder, self.train_config)
+        self.layout = NativeLayout.of(folder, self.train_config, stage=self.run.stage)
+        if naming is None and self.layout.pp > 1:
+            naming = pipeline_module_naming(self.model.num_layers)
+        self.naming = naming
         self.layout.check_files()
         self.ranks = {
-            (pp, tp): self._open_rank(pp, tp)
+            (pp, tp): open_rank(
+                self.layout, pp_rank=pp, tp_rank=tp, model=self.model, config=self.train_config
+            )
             for pp in range(self.layout.pp)
             for tp in range(self.layout.tp)
         }
         self.where = self._locate()
         self.adam_step = self._adam_steps()
-
-    def _open_rank(self, pp_rank: int, tp_rank: int) -> RankState:
-        layout = self.layout
-        mp = layout.mp_rank(pp_rank=pp_rank, tp_rank=tp_rank)
-        path = layout.model_file(mp)
-        states = safe_load(path)
-        if not isinstance(states, dict):
-            raise DeepSpeedCheckpointError(f"{path}: not a DeepSpeed model states file")
-        layout.check_model_states(path, states)
-        if layout.zero_stage == 0:
-            return _Stage0Rank(path, states, _optimizer_order(self.model, self.train_config))
-        optim = [layout.optim_file(dp_rank=d, mp_rank=mp) for d in range(layout.dp)]
-        return _ZeroRank(path, states, optim)
+        self.ramp_masks = self._ramp_masks()
 
     def _locate(self) -> dict[str, list[tuple[int, str]]]:
         """Which stage holds each canonical tensor; TP ranks of a stage must agree on names."""
@@ -336,25 +150,65 @@ class NativeCheckpoint:
             steps[name] = found.pop()
         return steps
 
+    def _ramp_masks(self) -> dict[str, torch.Tensor]:
+        """Masks a running ramp defines but no file holds (``masks.hidden`` under pp > 1)."""
+        if self.run.ramp is None:
+            return {}
+        from megatron_msg.growth.masks import MaskRamp
+
+        ramp = MaskRamp.from_state_dict(self.run.ramp)
+        if ramp.done:
+            return {}  # folded
+        specs = canonical_specs(self.model)
+        values = {n: v for n, v in ramp.values().items() if n not in self.where}
+        wrong = [n for n, v in values.items() if n not in specs or tuple(v.shape) != specs[n].shape]
+        if wrong:
+            raise DeepSpeedCheckpointError(
+                f"{self.folder}: the saved mask ramp names masks the model does not have: {wrong}"
+            )
+        return values
+
+    def names(self) -> list[str]:
+        """Canonical names of every tensor :meth:`tensors` yields, in canonical order."""
+        order = {n: i for i, n in enumerate(canonical_specs(self.model))}
+        return sorted({*self.where, *self.ramp_masks}, key=order.__getitem__)
+
     def tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
         """``(canonical name, kind, full fp32 tensor)``, one at a time in canonical order;
         parameters in all three kinds, unfolded masks as ``weights``."""
         specs = canonical_specs(self.model)
-        for name, places in self.where.items():
-            pp, local = places[0]  # tied copies on later stages are the same tensor
+        for name in self.names():
+            if name in self.ramp_masks:
+                yield name, "weights", self.ramp_masks[name]
+            elif specs[name].is_mask:
+                yield name, "weights", self._merged(name, "mask")
+            else:
+                for kind in KINDS:
+                    yield name, kind, self._merged(name, kind)
+
+    def _merged(self, name: str, kind: str) -> torch.Tensor:
+        """The full tensor from the first stage that holds it; copies on other stages
+        (the tied word embedding) must be bitwise equal to it."""
+        spec = canonical_specs(self.model)[name]
+        copies = []
+        for pp, local in self.where[name]:
             ranks = [self.ranks[pp, tp] for tp in range(self.layout.tp)]
-            if specs[name].is_mask:
-                yield name, "weights", merge_tp(name, [r.masks[local] for r in ranks], specs[name])
-                continue
-            for kind in KINDS:
-                yield name, kind, merge_tp(name, [r.get(local, kind) for r in ranks], specs[name])
+            pieces = [r.masks[local] if kind == "mask" else r.get(local, kind) for r in ranks]
+            copies.append(merge_tp(name, pieces, spec))
+        for (pp, local), copy in zip(self.where[name][1:], copies[1:]):
+            if not torch.equal(copy, copies[0]):
+                raise DeepSpeedCheckpointError(
+                    f"{self.folder}: {kind} of {name} differs between pipeline stage "
+                    f"{self.where[name][0][0]} and its copy {local!r} on stage {pp}"
+                )
+        return copies[0]
 
     def nbytes(self) -> int:
         """Bytes of all tensors :meth:`tensors` yields."""
         specs = canonical_specs(self.model)
         return sum(
             4 * math.prod(specs[n].shape) * (1 if specs[n].is_mask else len(KINDS))
-            for n in self.where
+            for n in self.names()
         )
 
 

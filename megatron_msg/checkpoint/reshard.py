@@ -26,6 +26,7 @@ __all__ = [
     "layer_offset_naming",
     "locate_stages",
     "merge_tp",
+    "pipeline_module_naming",
 ]
 
 # (pp_rank, name as the stage's checkpoint spells it) -> canonical name
@@ -66,6 +67,34 @@ def layer_offset_naming(first_layers: Sequence[int]) -> StageNaming:
         if not index.isdigit():
             raise TopologyError(f"stage {pp_rank}: cannot read the layer index of {name!r}")
         return f"layers.{first_layers[pp_rank] + int(index)}.{rest}"
+
+    return rename
+
+
+def pipeline_module_naming(num_layers: int) -> StageNaming:
+    """Naming of our DeepSpeed ``PipelineModule`` (``model/pipeline.py``): item ``i`` of
+    ``[embedding, block 0 .. block L-1, head]`` registers its tensors as ``"{i}.X"``:
+    ``0.embed.*``, ``{j+1}.block.X`` = ``layers.{j}.X``, ``{L+1}.final_norm.*`` /
+    ``lm_head.*``, and ``{L+1}.tied_word``, the last stage's copy of the tied
+    ``embed.word.weight``. Names without an index (``masks.hidden``) are canonical."""
+
+    def rename(pp_rank: int, name: str) -> str:
+        index, _, rest = name.partition(".")
+        if not index.isdigit():
+            return name
+        item = int(index)
+        if item == 0:
+            return rest
+        if item <= num_layers:
+            if not rest.startswith("block."):
+                raise TopologyError(f"stage {pp_rank}: {name!r} is not a block tensor")
+            return f"layers.{item - 1}.{rest[len('block.') :]}"
+        if item == num_layers + 1:
+            return "embed.word.weight" if rest == "tied_word" else rest
+        raise TopologyError(
+            f"stage {pp_rank}: {name!r} names pipeline item {item}, the model has "
+            f"{num_layers + 2} (embedding, {num_layers} blocks, head)"
+        )
 
     return rename
 

@@ -1,23 +1,29 @@
 """`megatron-msg convert`: real DeepSpeed checkpoints -> canonical store, checked against the live engine.
 
-Three runs of a tiny GPT on gloo (shared by every test here, see ``runs``):
+Four runs of a tiny GPT on gloo (shared by every test here, see ``runs``):
 
 - ``tp1dp2_z1``: TP=1, DP=2, ZeRO-1, fp32;
 - ``tp2dp1_z0``: TP=2, DP=1, ZeRO-0, fp32, grown at step 2 (hidden, ffn, heads,
   layers) so the checkpoint holds fractional masks mid-ramp;
+- ``pp2_z1``: TP=1, PP=2, DP=1, ZeRO-1, grown the same way: DeepSpeed's
+  pipeline layout (per-layer files, parameters named by pipeline item, the
+  tied word embedding's copy on the last stage, ``masks.hidden`` in no file
+  and rebuilt from the saved ramp);
 - ``tp2dp2_z2_bf16``: TP=2, DP=2, ZeRO-2, bf16 (fp32 masters in DeepSpeed's
   bf16 partitions).
 
 Each run trains a few steps and saves through the trainer; then, in the same
-processes, the live engine's canonical state (``TrainEngine.get_state()``,
-gathered online through DeepSpeed's ``safe_get_full_*``) is recorded, rank 0
-converts the checkpoint offline, and every rank builds a model from the
-converted store at the run's own topology and dtype.
+processes, the live engine's canonical state (``get_state()``, gathered online
+through DeepSpeed's ``safe_get_full_*``) is recorded, rank 0 converts the
+checkpoint offline, and (pp == 1) every rank builds a model from the converted
+store at the run's own topology and dtype.
 
 Expected: fp32 masters, both Adam moments, masks and Adam steps bitwise equal
 to the live state (the converter only copies fp32 bytes out of the partitions,
 no arithmetic); logits of the converted model bitwise equal to the live
-model's (same weights, same topology, same kernels).
+model's (same weights, same topology, same kernels); for the pipeline run, a
+single-process model from the store gives the live pipeline's probe loss
+bitwise (TP=1: the same per-layer kernels, the stages only pass activations).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,6 +69,7 @@ GROW = [
 CASES = {
     "tp1dp2_z1": (2, ["parallel.dp=2", "parallel.zero_stage=1", "train.steps=2"]),
     "tp2dp1_z0": (2, ["parallel.tp=2", "parallel.zero_stage=0", "train.steps=3", *GROW]),
+    "pp2_z1": (2, ["parallel.pp=2", "parallel.zero_stage=1", "train.steps=3", *GROW]),
     "tp2dp2_z2_bf16": (
         4,
         [
@@ -79,10 +87,7 @@ KINDS = ("weights", "exp_avg", "exp_avg_sq")
 def _run_case(rank: int, root: str, name: str, overrides: list[str]) -> None:
     import torch.distributed as dist
 
-    from megatron_msg.checkpoint.canonical import load_canonical
     from megatron_msg.checkpoint.deepspeed_io import convert_to_canonical
-    from megatron_msg.model import GPTModel
-    from megatron_msg.parallel.random import gather_tensor
     from megatron_msg.training.config import load_config
     from megatron_msg.training.loop import Trainer
 
@@ -90,9 +95,11 @@ def _run_case(rank: int, root: str, name: str, overrides: list[str]) -> None:
     trainer = Trainer(load_config(None, [*BASE, f"train.run_dir={out / 'run'}", *overrides]))
     trainer.run()  # trains and saves the final step through the trainer's checkpointing
     state = trainer.engine.get_state()
+    probe_loss = trainer.engine.eval_loss(*trainer.probe)
     if rank == 0:
         tensors = {f"{k}/{n}": t for k in KINDS for n, t in getattr(state, k).items()}
         tensors |= {f"masks/{n}": t for n, t in state.masks.items()}
+        tensors |= {"probe/tokens": trainer.probe[0], "probe/labels": trainer.probe[1]}
         ramp = trainer.ramp.state_dict() if trainer.ramp is not None else None
         if ramp is not None:
             tensors |= {f"ramp/{n}": t for n, t in ramp.pop("start").items()}
@@ -102,10 +109,22 @@ def _run_case(rank: int, root: str, name: str, overrides: list[str]) -> None:
             "run_step": trainer.step,
             "ramp": ramp,
             "lr": trainer.lr.state_dict(),
+            "probe_loss": probe_loss,
         }
         (out / "online.json").write_text(json.dumps(info))
         convert_to_canonical(load=out / "run", save=out / "canonical")
     dist.barrier()
+    if trainer.groups.pp_size == 1:
+        _converted_logits(rank, out, trainer)
+    trainer.engine.destroy()
+    dist.barrier()
+
+
+def _converted_logits(rank: int, out: Path, trainer: Any) -> None:
+    """Logits of the live module and of a model built from the converted store, same topology."""
+    from megatron_msg.checkpoint.canonical import load_canonical
+    from megatron_msg.model import GPTModel
+    from megatron_msg.parallel.random import gather_tensor
 
     converted = load_canonical(out / "canonical")
     module = trainer.engine.module
@@ -123,8 +142,6 @@ def _run_case(rank: int, root: str, name: str, overrides: list[str]) -> None:
     save_file(
         {k: v.contiguous() for k, v in full.items()}, str(out / f"logits_rank{rank}.safetensors")
     )
-    trainer.engine.destroy()
-    dist.barrier()
 
 
 def _body(rank: int, world_size: int, root: str, names: list[str]) -> None:
@@ -191,13 +208,33 @@ def test_converted_masks_and_ramp(runs: Path) -> None:
     assert all(torch.equal(ramp["start"][n], v) for n, v in online["ramp"].items())
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("pp")])
 def test_converted_model_logits_equal_live(runs: Path, name: str) -> None:
     world = CASES[name][0]
     for rank in range(world):
         logits = load_file(str(runs / name / f"logits_rank{rank}.safetensors"))
         assert logits["live"].shape[-1] == 128  # padded vocab, gathered over TP
         assert torch.equal(logits["converted"], logits["live"]), (name, rank)
+
+
+def test_pipeline_checkpoint_probe_loss_and_hidden_mask(runs: Path) -> None:
+    from megatron_msg.checkpoint.canonical import load_canonical
+    from megatron_msg.model import GPTModel
+    from megatron_msg.parallel.groups import ProcessGroups
+
+    online, info = _online(runs / "pp2_z1")
+    converted = load_canonical(runs / "pp2_z1" / "canonical")
+    assert converted.meta.model.num_layers == 3 and info["ramp"]["steps_done"] == 1
+    assert list((runs / "pp2_z1" / "run" / "checkpoints").glob("*/layer_04-model_00-*"))
+    # No DeepSpeed file holds masks.hidden under pipeline parallelism.
+    assert torch.equal(converted.weights["masks.hidden"], online["masks"]["masks.hidden"])
+    model = GPTModel.from_canonical(
+        converted.weights, converted.meta.model, groups=ProcessGroups.single()
+    )
+    model.eval()
+    with torch.no_grad():
+        loss = model.loss(online["probe"]["tokens"], online["probe"]["labels"])
+    assert float(loss) == info["probe_loss"]
 
 
 # ---- the CLI, and the input left untouched -------------------------------------
@@ -321,3 +358,21 @@ def test_missing_checkpoint_and_tag(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "latest").write_text("step_00000004\n")
     with pytest.raises(DeepSpeedCheckpointError, match=r"msg_meta\.json is missing"):
         find_tag_dir(tmp_path)
+
+
+def test_pipeline_tied_copies_must_agree(runs: Path, tmp_path: Path) -> None:
+    from megatron_msg.checkpoint.deepspeed_files import _safe_globals
+
+    tag = _tag_copy(runs, tmp_path, "pp2_z1")
+    victim = tag / "zero_pp_rank_0_mp_rank_01_optim_states.pt"  # the last stage
+    with torch.serialization.safe_globals(_safe_globals()):
+        states = torch.load(victim, weights_only=True, map_location="cpu")
+    optim = states["optimizer_state_dict"]
+    group, address = next(
+        (g, m["4.tied_word"])
+        for g, m in enumerate(optim["param_slice_mappings"])
+        if "4.tied_word" in m
+    )
+    optim["base_optimizer_state"]["state"][group]["exp_avg"][address.start] += 1.0
+    torch.save(states, victim)
+    _expect_error(tag, tmp_path, "exp_avg of embed.word.weight differs", "'4.tied_word'")

@@ -4,8 +4,8 @@
   model's canonical state is cut the way a PP=2 x TP=2 run holds it (whole
   layers per stage, counted locally on each stage; embeddings on the first
   stage and, tied, again on the last; every tensor TP-sliced by its split
-  rule) and must come back bitwise. Pipeline parallel training has not landed
-  yet, so this is the synthetic stand-in for a PP>1 DeepSpeed run.
+  rule) and must come back bitwise, for any local layer naming (the real
+  pipeline layout is converted in tests/distributed/test_ds_convert.py).
 - The run state -> ``meta.json`` fields (``run_meta``): the ramp start values
   survive the run-length encoding bitwise, Adam steps are recorded where they
   differ from the run's step.
@@ -21,6 +21,7 @@ from megatron_msg.checkpoint.reshard import (
     layer_offset_naming,
     locate_stages,
     merge_tp,
+    pipeline_module_naming,
 )
 from megatron_msg.config import ModelConfig
 from megatron_msg.model import GPTModel
@@ -108,6 +109,20 @@ def test_stage_errors_name_the_tensors() -> None:
         locate_stages(stages, CONFIG, naming=layer_offset_naming((0, 2)))
     with pytest.raises(TopologyError, match=r"not in the canonical table.*layers\.9"):
         locate_stages([stages[0], [*stages[1], "layers.6.norm1.weight"]], CONFIG, naming=naming)
+
+
+def test_pipeline_module_naming() -> None:
+    rename = pipeline_module_naming(CONFIG.num_layers)  # items: embedding, 4 blocks, head
+    assert rename(0, "0.embed.word.weight") == "embed.word.weight"
+    assert rename(1, "4.block.mlp.gate.weight") == "layers.3.mlp.gate.weight"
+    assert rename(1, "4.block.masks.ffn") == "layers.3.masks.ffn"
+    assert rename(1, "5.tied_word") == "embed.word.weight"
+    assert rename(1, "5.final_norm.weight") == "final_norm.weight"
+    assert rename(1, "masks.hidden") == "masks.hidden"
+    with pytest.raises(TopologyError, match="item 6"):
+        rename(1, "6.final_norm.weight")
+    with pytest.raises(TopologyError, match="not a block tensor"):
+        rename(0, "2.attn.qkv.weight")
 
 
 def test_merge_tp_checks_slice_shapes() -> None:
