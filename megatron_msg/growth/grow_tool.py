@@ -54,6 +54,7 @@ from megatron_msg.checkpoint.safetensors_files import (
 from megatron_msg.config import ConfigError, ModelConfig
 from megatron_msg.growth.grow_verify import (
     DEFAULT_MAX_FULL_PARAMS,
+    VERIFY_DTYPES,
     VERIFY_MODES,
     GrowthVerificationError,
     VerifyReport,
@@ -109,6 +110,7 @@ class GrowOptions:
     tp: int = 1
     pp: int = 1
     verify: str = "auto"
+    verify_dtype: str = "fp64"
     max_full_params: int = DEFAULT_MAX_FULL_PARAMS
     shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
@@ -122,6 +124,10 @@ class GrowOptions:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.verify not in ("off", *VERIFY_MODES):
             raise ConfigError(f"verify must be 'off' or one of {VERIFY_MODES}, got {self.verify!r}")
+        if self.verify_dtype not in VERIFY_DTYPES:
+            raise ConfigError(
+                f"verify_dtype must be one of {tuple(VERIFY_DTYPES)}, got {self.verify_dtype!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -327,6 +333,7 @@ def _grow_into(
                 mode=options.verify,
                 max_full_params=options.max_full_params,
                 seed=options.seed,
+                dtype=options.verify_dtype,
             )
         if not verification.ok:
             raise GrowthVerificationError(verification)
@@ -500,6 +507,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verify-max-params", type=int, default=DEFAULT_MAX_FULL_PARAMS)
     parser.add_argument(
+        "--verify-dtype",
+        choices=tuple(VERIFY_DTYPES),
+        default="fp64",
+        help="precision of the check (DESIGN.md tolerance: 1e-10 in fp64, 1e-5 in fp32)",
+    )
+    parser.add_argument(
         "--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="shard file size (MiB)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -520,6 +533,7 @@ def _options_from_args(args: argparse.Namespace) -> tuple[ModelConfig | None, Gr
         tp=tp if args.tp is None else args.tp,
         pp=pp,
         verify="off" if args.no_verify else args.verify,
+        verify_dtype=args.verify_dtype,
         max_full_params=args.verify_max_params,
         shard_bytes=args.shard_mb << 20,
         overwrite=args.overwrite,

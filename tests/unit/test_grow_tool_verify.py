@@ -18,9 +18,9 @@ from tests.unit.grow_tool_sources import GROWN_SIZES, SMALL_VARIANT, siblings, w
 STACKED = (LayerMap(0, False), LayerMap(1, False), LayerMap(0, True), LayerMap(1, True))
 
 
-def _verify(src: Path, dst: Path, mode: str) -> VerifyReport:
+def _verify(src: Path, dst: Path, mode: str, dtype: str = "fp64") -> VerifyReport:
     with CanonicalReader(src) as small, CanonicalReader(dst) as big:
-        return verify_growth(small, big, layers=STACKED, mode=mode)
+        return verify_growth(small, big, layers=STACKED, mode=mode, dtype=dtype)
 
 
 def _broken_copy(grown: Path, out: Path, name: str, value: float) -> None:
@@ -45,11 +45,15 @@ def grown(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "src", root / "dst"
 
 
-def test_layer_by_layer_check_passes_and_agrees_with_full(grown: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize(("dtype", "tolerance"), [("fp64", 1e-10), ("fp32", 1e-5)])
+def test_layer_by_layer_check_passes_and_agrees_with_full(
+    grown: tuple[Path, Path], dtype: str, tolerance: float
+) -> None:
     src, dst = grown
-    layers = _verify(src, dst, "layers")
-    full = _verify(src, dst, "full")
+    layers = _verify(src, dst, "layers", dtype)
+    full = _verify(src, dst, "full", dtype)
     assert layers.ok and full.ok
+    assert layers.tolerance == full.tolerance == tolerance
     labels = [name for name, _ in layers.deviations]
     assert labels == [
         "embedding",
@@ -60,8 +64,8 @@ def test_layer_by_layer_check_passes_and_agrees_with_full(grown: tuple[Path, Pat
         "logits",
         "loss",
     ]
-    assert all(d <= 1e-5 for _, d in layers.deviations)
-    assert dict(full.deviations)["logits"] <= 1e-5
+    assert all(d <= tolerance for _, d in layers.deviations)
+    assert dict(full.deviations)["logits"] <= tolerance
 
 
 @pytest.mark.parametrize(
@@ -77,10 +81,12 @@ def test_checks_catch_a_broken_growth(
 ) -> None:
     src, dst = grown
     _broken_copy(dst, tmp_path / "broken", mask, value)
-    layers = _verify(src, tmp_path / "broken", "layers")
-    assert not layers.ok
-    assert layers.failed[0][0] == where, layers
-    assert not _verify(src, tmp_path / "broken", "full").ok
+    for dtype in ("fp64", "fp32"):
+        layers = _verify(src, tmp_path / "broken", "layers", dtype)
+        assert not layers.ok
+        assert layers.failed[0][0] == where, layers
+        assert layers.worst[1] > 1e-3  # a real defect is far beyond either tolerance
+        assert not _verify(src, tmp_path / "broken", "full", dtype).ok
 
 
 def test_auto_mode_picks_by_parameter_count(grown: tuple[Path, Path]) -> None:
