@@ -44,6 +44,24 @@ def _cuda_wanted() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _build_ext_class() -> type:
+    """torch's BuildExtension with ninja, building one extension at a time.
+
+    Its ninja builds write build_temp/build.ninja, one file for all extensions,
+    so `build_ext -j N` (extensions built concurrently) made them overwrite each
+    other's file and link stale objects. Ninja still compiles the sources of
+    each extension in parallel.
+    """
+    from torch.utils.cpp_extension import BuildExtension
+
+    class SerialBuildExtension(BuildExtension.with_options(use_ninja=True)):  # type: ignore[misc]
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            self.parallel = None
+
+    return SerialBuildExtension
+
+
 def _extensions() -> tuple[list, dict]:
     ext_modules: list = []
     cmdclass: dict = {}
@@ -54,7 +72,7 @@ def _extensions() -> tuple[list, dict]:
 
     cpu_sources = [NORM_DIR / "cpu.cpp", NORM_DIR / "cpu_bindings.cpp"]
     if _have(*cpu_sources):
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        from torch.utils.cpp_extension import CppExtension
 
         ext_modules.append(
             CppExtension(
@@ -65,11 +83,11 @@ def _extensions() -> tuple[list, dict]:
                 extra_link_args=omp_link,
             )
         )
-        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+        cmdclass["build_ext"] = _build_ext_class()
 
     cuda_sources = [NORM_DIR / "cuda.cu", NORM_DIR / "cuda_bindings.cpp"]
     if _have(*cuda_sources) and _cuda_wanted():
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDAExtension
 
         ext_modules.append(
             CUDAExtension(
@@ -81,7 +99,7 @@ def _extensions() -> tuple[list, dict]:
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
             )
         )
-        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+        cmdclass["build_ext"] = _build_ext_class()
 
     data_sources = [DATA_DIR / "helpers.cpp"]
     if _have(*data_sources):

@@ -94,6 +94,34 @@ inline A lane_sum(int64_t n, F term) {
   return acc[0];
 }
 
+// Two sums of one pass, as lane_sum.
+template <typename A, typename F1, typename F2>
+inline void lane_sum2(int64_t n, F1 term1, F2 term2, A& sum1, A& sum2) {
+  constexpr int kLanes = 128 / sizeof(A);
+  A acc1[kLanes] = {};
+  A acc2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      acc1[j] += term1(i + j);
+      acc2[j] += term2(i + j);
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    acc1[j] += term1(i);
+    acc2[j] += term2(i);
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) {
+      acc1[j] += acc1[j + width];
+      acc2[j] += acc2[j + width];
+    }
+  }
+  sum1 = acc1[0];
+  sum2 = acc2[0];
+}
+
 template <typename T, typename A, bool MASKED, bool RMS, bool BIAS>
 MN_CPU_CLONES void forward_row(const T* x, T* y, const A* w, const A* b, const A* c, A inv_n,
                                A eps, A* mean_out, A* rstd_out, A* scratch, int64_t h) {
@@ -124,26 +152,22 @@ MN_CPU_CLONES void backward_row(const T* dy, const T* x, T* dx, const A* w, cons
                                 A mean, A rstd, A* dw_acc, A* db_acc, A* scratch, int64_t h) {
   const A* xa = row_as_acc<T, A>(x, scratch, h);
   const A* ga = row_as_acc<T, A>(dy, scratch + h, h);
-  const A sum_gx = lane_sum<A>(h, [&](int64_t i) {
-    return grad_out_elem(ga[i], w[i], mask_at<A, MASKED>(c, i)) * ((xa[i] - mean) * rstd);
-  });
-  // RMSNorm has no mean, so no mean term in dx.
-  const A sum_g = RMS ? A(0) : lane_sum<A>(h, [&](int64_t i) {
-    return grad_out_elem(ga[i], w[i], mask_at<A, MASKED>(c, i));
-  });
+  A sum_g = 0;
+  A sum_gx = 0;
+  lane_sum2<A>(
+      h, [&](int64_t i) { return grad_out_elem(ga[i], w[i], mask_at<A, MASKED>(c, i)); },
+      [&](int64_t i) {
+        return grad_out_elem(ga[i], w[i], mask_at<A, MASKED>(c, i)) * ((xa[i] - mean) * rstd);
+      },
+      sum_g, sum_gx);
+  if constexpr (RMS) sum_g = 0;  // no mean, so no mean term in dx
 #pragma omp simd
   for (int64_t i = 0; i < h; ++i) {
     const A ci = mask_at<A, MASKED>(c, i);
-    const A g = grad_out_elem(ga[i], w[i], ci);
-    dx[i] = from_acc<T, A>(dx_elem(g, (xa[i] - mean) * rstd, ci, rstd, inv_n, sum_g, sum_gx));
-  }
-  if (dw_acc != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < h; ++i) dw_acc[i] += ga[i] * ((xa[i] - mean) * rstd);
-  }
-  if (db_acc != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < h; ++i) db_acc[i] += ga[i];
+    const A xhat = (xa[i] - mean) * rstd;
+    dx[i] = from_acc<T, A>(dx_elem(grad_out_elem(ga[i], w[i], ci), xhat, ci, rstd, inv_n, sum_g, sum_gx));
+    dw_acc[i] += ga[i] * xhat;
+    db_acc[i] += ga[i];
   }
 }
 
@@ -250,8 +274,8 @@ void backward_rows(const BwdParams& p, const A* w, const A* c, A inv_n, A* dw_pa
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t k = 0; k < parts; ++k) {
     A* s = scratch.empty() ? nullptr : scratch.data() + static_cast<int64_t>(thread_id()) * 2 * h;
-    A* dw_k = dw_part != nullptr ? dw_part + k * h : nullptr;
-    A* db_k = db_part != nullptr ? db_part + k * h : nullptr;
+    A* dw_k = dw_part + k * h;
+    A* db_k = db_part + k * h;
     const int64_t r_end = p.rows * (k + 1) / parts;
     for (int64_t r = p.rows * k / parts; r < r_end; ++r) {
       const A mu = RMS ? A(0) : mean[r];
@@ -284,11 +308,11 @@ void backward_typed(const BwdParams& p) {
   const A* c = static_cast<const A*>(p.mask);
   const A inv_n = inv_count(c, h);
   const int64_t parts = std::min<int64_t>(std::max(1, p.num_threads), p.rows);
-  const bool want_db = !p.rms && p.dbias != nullptr;
-  std::vector<A> dw_part(p.dweight != nullptr ? static_cast<size_t>(parts * h) : 0, A(0));
-  std::vector<A> db_part(want_db ? static_cast<size_t>(parts * h) : 0, A(0));
-  A* dw = dw_part.empty() ? nullptr : dw_part.data();
-  A* db = db_part.empty() ? nullptr : db_part.data();
+  // Both partials are always accumulated (one fused loop); only wanted ones are stored.
+  std::vector<A> dw_part(static_cast<size_t>(parts * h), A(0));
+  std::vector<A> db_part(static_cast<size_t>(parts * h), A(0));
+  A* dw = dw_part.data();
+  A* db = db_part.data();
   if (c != nullptr) {
     p.rms ? backward_rows<T, A, true, true>(p, w.data(), c, inv_n, dw, db, parts)
           : backward_rows<T, A, true, false>(p, w.data(), c, inv_n, dw, db, parts);
@@ -296,8 +320,8 @@ void backward_typed(const BwdParams& p) {
     p.rms ? backward_rows<T, A, false, true>(p, w.data(), c, inv_n, dw, db, parts)
           : backward_rows<T, A, false, false>(p, w.data(), c, inv_n, dw, db, parts);
   }
-  if (dw != nullptr) reduce_parts(dw_part, parts, h, c, p.dweight, p.w_dtype);
-  if (db != nullptr) reduce_parts(db_part, parts, h, c, p.dbias, p.w_dtype);
+  if (p.dweight != nullptr) reduce_parts(dw_part, parts, h, c, p.dweight, p.w_dtype);
+  if (!p.rms && p.dbias != nullptr) reduce_parts(db_part, parts, h, c, p.dbias, p.w_dtype);
 }
 
 void check_sizes(int64_t rows, int64_t hidden) {
