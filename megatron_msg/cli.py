@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "parameters, FLOPs, memory per GPU, time and growth I/O of stage configs",
     ),
     "grow": (
-        "megatron_msg.growth.grow_tool",
+        "megatron_msg.growth.grow_cli",
         "grow a canonical checkpoint (weights, Adam state) into the next stage's shape",
     ),
 }

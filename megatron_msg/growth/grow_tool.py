@@ -16,6 +16,10 @@ TP/PP/DP. This module does that step:
   unfolded mask, start values run-length encoded
   (``checkpoint.run_meta.encode_ramp``, as a converted training checkpoint
   stores its ramp), which ``megatron-msg train`` resumes.
+- ``--load`` may also be a ``megatron-msg train`` checkpoint (DeepSpeed's
+  native files, any TP/PP/DP and ZeRO stage): it is first converted with
+  ``megatron-msg convert`` into a hidden directory next to ``--save``, which
+  is removed afterwards (the stage checkpoint itself is only read).
 - Nothing is written before every check passed (paths, configs, shapes, TP
   layout, disk space). The store is built under a hidden temporary name,
   verified there, and only then renamed to ``--save``; a failed check or
@@ -24,22 +28,23 @@ TP/PP/DP. This module does that step:
 
 from __future__ import annotations
 
-import argparse
+import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from megatron_msg.checkpoint.canonical import (
     DEFAULT_SHARD_BYTES,
+    META_FILE,
     CanonicalMeta,
     CanonicalReader,
     CanonicalWriter,
@@ -61,15 +66,12 @@ from megatron_msg.growth.grow_verify import (
     verify_growth,
 )
 from megatron_msg.growth.operators import (
-    DEPTH_STRATEGIES,
-    INIT_SCHEMES,
     GrowthPlan,
     is_mask_name,
     plan_growth,
 )
 from megatron_msg.growth.optimizer_state import (
     DEFAULT_MOMENT_POLICY,
-    MOMENT_POLICIES,
     MOMENTS,
     SquareMeans,
     carry_adam_steps,
@@ -77,7 +79,6 @@ from megatron_msg.growth.optimizer_state import (
     check_policy,
     needs_square_means,
 )
-from megatron_msg.growth.plan_config import load_stages
 from megatron_msg.growth.unmapped_reader import UnmappedReader, torch_dtype
 
 __all__ = [
@@ -85,7 +86,6 @@ __all__ = [
     "GrowOptions",
     "GrowReport",
     "grow_checkpoint",
-    "main",
 ]
 
 # --hidden/--ffn/--heads/--layers -> ModelConfig fields.
@@ -113,6 +113,7 @@ class GrowOptions:
     verify_dtype: str = "fp64"
     max_full_params: int = DEFAULT_MAX_FULL_PARAMS
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    tag: str | None = None  # a training checkpoint's tag (default: its latest)
     overwrite: bool = False
     progress: bool = True
 
@@ -175,7 +176,7 @@ def grow_checkpoint(
     options.validate()
     load, save = Path(load), Path(save)
     _check_paths(load, save, overwrite=options.overwrite)
-    with CanonicalReader(load) as reader:
+    with _canonical_source(load, save, options) as path, CanonicalReader(path) as reader:
         source = reader.meta.model
         target = _target(source, target, sizes)
         plan = _plan(reader, target, options)
@@ -189,6 +190,40 @@ def grow_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return report
+
+
+@contextmanager
+def _canonical_source(load: Path, save: Path, options: GrowOptions) -> Iterator[Path]:
+    """``load`` when it is a canonical store; a training checkpoint converted to one in a
+    hidden sibling of ``save`` (removed on exit) otherwise."""
+    if (load / META_FILE).is_file() or not load.is_dir():
+        yield load  # CanonicalReader names what is missing
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading DeepSpeed files needs no device
+    from megatron_msg.checkpoint.deepspeed_files import DeepSpeedCheckpointError, find_tag_dir
+    from megatron_msg.checkpoint.deepspeed_io import convert_to_canonical
+
+    try:
+        find_tag_dir(load, tag=options.tag)
+    except DeepSpeedCheckpointError as err:
+        raise CanonicalCheckpointError(
+            f"{load}: neither a canonical checkpoint ({META_FILE} missing) nor a training "
+            f"checkpoint ({err})"
+        ) from None
+    converted = temp_sibling(save, "convert")
+    try:
+        if options.progress:
+            print(f"converting training checkpoint {load} to canonical form ...", file=sys.stderr)
+        convert_to_canonical(
+            load=load,
+            save=converted,
+            tag=options.tag,
+            shard_bytes=options.shard_bytes,
+            progress=options.progress,
+        )
+        yield converted
+    finally:
+        shutil.rmtree(converted, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ checks
@@ -464,101 +499,3 @@ def _grown_meta(
         lr=dict(old.lr),
         extra={**old.extra, "growth_history": history},
     )
-
-
-# ------------------------------------------------------------------ command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="megatron-msg grow",
-        description="Grow a canonical checkpoint (weights, Adam moments and steps) into a larger "
-        "shape with MSG: new units behind masks at 0, ramp scheduled, function preserved. "
-        "Streams tensor by tensor; the input is never modified.",
-    )
-    parser.add_argument("--load", required=True, type=Path, help="source canonical checkpoint")
-    parser.add_argument("--save", required=True, type=Path, help="where the grown one goes")
-    parser.add_argument(
-        "--target-config",
-        type=Path,
-        help="the next stage's training YAML (its model section; its parallel.tp/pp "
-        "are checked unless --tp is given)",
-    )
-    for option, field_name in SIZE_OPTIONS.items():
-        parser.add_argument(f"--{option}", type=int, help=f"target {field_name} (no config)")
-    parser.add_argument("--init", choices=INIT_SCHEMES, default="normal")
-    parser.add_argument("--depth-strategy", choices=DEPTH_STRATEGIES, default="stack")
-    parser.add_argument(
-        "--moment-policy",
-        choices=MOMENT_POLICIES,
-        default=DEFAULT_MOMENT_POLICY,
-        help="Adam moments of new entries (see megatron_msg.growth.optimizer_state)",
-    )
-    parser.add_argument("--ramp-steps", type=int, default=DEFAULT_RAMP_STEPS)
-    parser.add_argument("--seed", type=int, default=0, help="seed of new weights and the probe")
-    parser.add_argument("--tp", type=int, help="tensor-parallel size the target must fit")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save")
-    parser.add_argument("--no-verify", action="store_true", help="skip the verification gate")
-    parser.add_argument(
-        "--verify",
-        choices=VERIFY_MODES,
-        default="auto",
-        help="full models or layer by layer (auto: full below --verify-max-params)",
-    )
-    parser.add_argument("--verify-max-params", type=int, default=DEFAULT_MAX_FULL_PARAMS)
-    parser.add_argument(
-        "--verify-dtype",
-        choices=tuple(VERIFY_DTYPES),
-        default="fp64",
-        help="precision of the check (DESIGN.md tolerance: 1e-10 in fp64, 1e-5 in fp32)",
-    )
-    parser.add_argument(
-        "--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20, help="shard file size (MiB)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return parser
-
-
-def _options_from_args(args: argparse.Namespace) -> tuple[ModelConfig | None, GrowOptions]:
-    target, tp, pp = None, 1, 1
-    if args.target_config is not None:
-        stage = load_stages(args.target_config)[0]  # the model the next stage starts with
-        target, tp, pp = stage.train.model, stage.train.parallel.tp, stage.train.parallel.pp
-    options = GrowOptions(
-        init=args.init,
-        depth_strategy=args.depth_strategy,
-        moment_policy=args.moment_policy,
-        ramp_steps=args.ramp_steps,
-        seed=args.seed,
-        tp=tp if args.tp is None else args.tp,
-        pp=pp,
-        verify="off" if args.no_verify else args.verify,
-        verify_dtype=args.verify_dtype,
-        max_full_params=args.verify_max_params,
-        shard_bytes=args.shard_mb << 20,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    return target, options
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    sizes = {k: getattr(args, k) for k in SIZE_OPTIONS if getattr(args, k) is not None}
-    try:
-        target, options = _options_from_args(args)
-        report = grow_checkpoint(
-            load=args.load, save=args.save, target=target, sizes=sizes or None, options=options
-        )
-    except (
-        ConfigError,
-        CanonicalCheckpointError,
-        GrowthVerificationError,
-        OSError,
-        yaml.YAMLError,
-    ) as err:
-        print(f"megatron-msg grow: error: {err}", file=sys.stderr)
-        print(f"megatron-msg grow: nothing was written to {args.save}", file=sys.stderr)
-        return 1
-    print(report)
-    return 0
