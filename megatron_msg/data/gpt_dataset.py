@@ -57,6 +57,9 @@ __all__ = [
 
 _INT32_MAX = np.iinfo(np.int32).max
 _ARRAYS = ("doc_index", "sample_index", "shuffle_index")
+# Part of every cache key: bump when the index construction changes, so old
+# cache entries are never mistaken for new ones.
+_INDEX_VERSION = 1
 
 
 def have_cpp_helpers() -> bool:
@@ -268,6 +271,7 @@ class GPTDataset:
         start, stop = self.sequence_range
         self.description: dict[str, Any] = {
             "kind": "gpt",
+            "index_version": _INDEX_VERSION,
             "seq_length": seq_length,
             "num_samples": num_samples,
             "seed": seed,

@@ -119,13 +119,16 @@ def test_cpp_and_numpy_sample_index_identical_and_match_megatron():
     for _ in range(40):
         sizes, doc_index, seq_length, num_samples = _random_case(rng)
         results = {}
-        for take in (num_samples, num_samples // 2):  # whole stream, and a last partial epoch
+        epochs = len(doc_index) // len(sizes)
+        tokens = int(sizes.sum())
+        # the whole stream, and a count ending inside the last epoch (a partial epoch)
+        partial = int(rng.randint((epochs - 1) * tokens // seq_length, num_samples + 1))
+        for take in (num_samples, partial):
             a = build_sample_index_numpy(sizes, doc_index, seq_length=seq_length, num_samples=take)
             b = build_sample_index_cpp(sizes, doc_index, seq_length=seq_length, num_samples=take)
             assert a.dtype == b.dtype and a.shape == (take + 1, 2)
             np.testing.assert_array_equal(a, b)
             results[take] = a
-        epochs = len(doc_index) // len(sizes)
         theirs = helpers_cpp.build_sample_idx_int32(
             sizes, doc_index.astype(np.int32), seq_length, epochs, int(sizes.sum()), True, 1
         )
@@ -138,6 +141,25 @@ def test_cpp_and_numpy_sample_index_identical_and_match_megatron():
     )
     with pytest.raises(ValueError, match="need 41 tokens"):
         build_sample_index_cpp(big, di64, seq_length=10, num_samples=4)
+
+
+def test_full_index_build_same_with_and_without_extension(monkeypatch):
+    assert gd.have_cpp_helpers(), "megatron_msg._data_helpers is not built: run `make build`"
+    rng = np.random.RandomState(1)
+    for _ in range(8):
+        sizes, _, seq_length, _ = _random_case(rng)
+        tokens = int(sizes.sum())
+        num_samples = int(rng.randint(1, 3 * tokens // seq_length + 2))  # often a partial epoch
+        kwargs = dict(
+            sequence_range=(0, len(sizes)), seq_length=seq_length, num_samples=num_samples, seed=9
+        )
+        with_cpp = gd.build_gpt_indices(sizes, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(gd, "_data_helpers", None)
+            with_numpy = gd.build_gpt_indices(sizes, **kwargs)
+        for name in ("doc_index", "sample_index", "shuffle_index"):
+            np.testing.assert_array_equal(with_cpp[name], with_numpy[name])
+        assert len(with_cpp["shuffle_index"]) >= num_samples
 
 
 def test_cache_is_reused(tmp_path, monkeypatch):
