@@ -2,17 +2,18 @@
 
 Two launches of real DeepSpeed runs of a tiny GPT on gloo (shared by every test, see ``runs``):
 
-1. four ranks, TP=2 x DP=2: three source runs of 3 steps (fp32 ZeRO-1, bf16 ZeRO-1,
-   fp32 ZeRO-2); each is converted (``convert_to_canonical``) and grown
-   (``grow_checkpoint``: hidden 32->48, ffn 64->96, heads 2->4, layers 2->3, masks at 0,
-   ramp over 3 steps). The probe-batch loss of the small model is recorded.
+1. four ranks: the headline source run, TP=2 x DP=2 with ZeRO-1 in fp32, 2 steps; it
+   is converted (``convert_to_canonical``) and grown (``grow_checkpoint``: hidden
+   32->48, ffn 64->96, heads 2->4, layers 2->3, masks at 0, ramp over 3 steps). The
+   probe-batch loss of the small model is recorded.
 2. two ranks:
+   - the same for a bf16 source (TP=2/DP=1, ZeRO-1) and a ZeRO-2 source (TP=1/DP=2);
    - reshard only: an uninterrupted 8-step run (TP=2/DP=1, ZeRO-1) and the same 8 steps
      in four segments of 2, each converted and resumed at the next topology
      TP=2/DP=1 -> TP=1/DP=2 -> TP=2/DP=1 (ZeRO-0) -> TP=1/DP=2 (three changes);
-   - the grown stores resumed: fp32 ZeRO-1 at TP=1/DP=2, bf16 at TP=2/DP=1 (ZeRO-1),
-     ZeRO-2 at TP=1/DP=2; first the probe loss and the live canonical state (gathered
-     through DeepSpeed's safe_get_full_*), then 6 more steps.
+   - the grown stores resumed: fp32 ZeRO-1 at TP=1/DP=2, bf16 at TP=1/DP=2 (ZeRO-1),
+     ZeRO-2 at TP=2/DP=1; first the probe loss and the live canonical state (gathered
+     through DeepSpeed's safe_get_full_*), then 4 more steps.
 
 Expected (tolerances): reshard losses equal the uninterrupted run's within 2e-5
 relative (fp32; only TP/DP reduction order differs); after growth the probe loss
@@ -55,14 +56,24 @@ BASE = [
 ]
 GROWN = {"hidden_size": 48, "ffn_hidden_size": 96, "num_heads": 4, "num_layers": 3}
 GROW_SIZES = {"hidden": 48, "ffn": 96, "heads": 4, "layers": 3}  # grow_checkpoint's names
-SOURCE_STEPS, GROWN_STEPS = 3, 9
-SOURCES = {  # name: (source overrides at TP=2/DP=2, resume topology)
-    "fp32_z1": (["parallel.zero_stage=1"], ["parallel.dp=2", "parallel.zero_stage=1"]),
-    "bf16_z1": (
-        ["parallel.zero_stage=1", "train.dtype=bf16"],
-        ["parallel.tp=2", "parallel.zero_stage=1", "train.dtype=bf16"],
+SOURCE_STEPS, GROWN_STEPS = 2, 6
+TOTAL_STEPS = 12  # train.steps of runs that stop early (advance): no final save
+SOURCES = {  # name: (world size, source topology, resume topology)
+    "fp32_z1": (
+        4,
+        ["parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=1"],
+        ["parallel.dp=2", "parallel.zero_stage=1"],
     ),
-    "fp32_z2": (["parallel.zero_stage=2"], ["parallel.dp=2", "parallel.zero_stage=2"]),
+    "bf16_z1": (
+        2,
+        ["parallel.tp=2", "parallel.zero_stage=1", "train.dtype=bf16"],
+        ["parallel.dp=2", "parallel.zero_stage=1", "train.dtype=bf16"],
+    ),
+    "fp32_z2": (
+        2,
+        ["parallel.dp=2", "parallel.zero_stage=2"],
+        ["parallel.tp=2", "parallel.zero_stage=2"],
+    ),
 }
 SEGMENTS = [  # (parallel overrides, steps at the end of the segment)
     (["parallel.tp=2", "parallel.zero_stage=1"], 2),
@@ -104,17 +115,11 @@ def _sources_body(rank: int, world_size: int, root: str) -> None:
     from megatron_msg.growth.grow_tool import GrowOptions, grow_checkpoint
 
     base = Path(root)
-    for name, (overrides, _) in SOURCES.items():
+    for name, (world, overrides, _) in SOURCES.items():
+        if world != world_size:
+            continue
         run = base / name / "run"
-        trainer = _trainer(
-            [
-                "parallel.tp=2",
-                "parallel.dp=2",
-                f"train.steps={SOURCE_STEPS}",
-                f"train.run_dir={run}",
-                *overrides,
-            ]
-        )
+        trainer = _trainer([f"train.steps={SOURCE_STEPS}", f"train.run_dir={run}", *overrides])
         trainer.run()
         probe = trainer.engine.eval_loss(*trainer.probe)
         trainer.engine.destroy()
@@ -147,9 +152,15 @@ def _reshard_chain(rank: int, base: Path) -> None:
     from megatron_msg.checkpoint.deepspeed_io import convert_to_canonical
 
     reference = _trainer(
-        ["parallel.tp=2", "parallel.zero_stage=1", "train.steps=8", f"train.run_dir={base / 'ref'}"]
+        [
+            "parallel.tp=2",
+            "parallel.zero_stage=1",
+            f"train.steps={TOTAL_STEPS}",
+            f"train.run_dir={base / 'ref'}",
+        ]
     )
-    reference.run()
+    reference.advance(to=SEGMENTS[-1][1])
+    reference.close()
     reference.engine.destroy()
     results: dict[str, object] = {"reference": reference.summary.losses, "segments": []}
     previous: Path | None = None
@@ -182,7 +193,7 @@ def _grown_resume(rank: int, base: Path, name: str, topology: list[str]) -> None
         [
             *model,
             *topology,
-            f"train.steps={GROWN_STEPS}",
+            f"train.steps={TOTAL_STEPS}",
             f"train.run_dir={base / name / 'resumed'}",
             f"checkpoint.load={grown}",
         ]
@@ -191,7 +202,8 @@ def _grown_resume(rank: int, base: Path, name: str, topology: list[str]) -> None
     probe = trainer.engine.eval_loss(*trainer.probe)
     state = trainer.engine.get_state()
     ramp = None if trainer.ramp is None else trainer.ramp.state_dict()
-    trainer.run()
+    trainer.advance(to=GROWN_STEPS)
+    trainer.close()
     trainer.engine.destroy()
     if rank == 0:
         tensors = {f"{k}/{n}": t for k in KINDS for n, t in getattr(state, k).items()}
@@ -212,8 +224,9 @@ def _grown_resume(rank: int, base: Path, name: str, topology: list[str]) -> None
 
 def _resume_body(rank: int, world_size: int, root: str) -> None:
     base = Path(root)
+    _sources_body(rank, world_size, root)
     _reshard_chain(rank, base)
-    for name, (_, topology) in SOURCES.items():
+    for name, (_, _, topology) in SOURCES.items():
         _grown_resume(rank, base, name, topology)
 
 
