@@ -39,7 +39,6 @@ from megatron_msg.growth.verify import TOLERANCES, measure_preservation
 from megatron_msg.model.attention import rope_tables
 from megatron_msg.model.block import LAYER_MASKS, Block
 from megatron_msg.model.canonical import layer_parameter_specs
-from megatron_msg.model.gpt import Embedding
 from megatron_msg.model.maskset import apply_mask
 from megatron_msg.model.norms import Norm
 from megatron_msg.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -58,6 +57,7 @@ __all__ = [
 DEFAULT_MAX_FULL_PARAMS = 200_000_000
 VERIFY_MODES: tuple[str, ...] = ("auto", "full", "layers")
 VERIFY_DTYPES: dict[str, torch.dtype] = {"fp64": torch.float64, "fp32": torch.float32}
+_HEAD_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -182,12 +182,13 @@ class _Streamed:
         return tensor if is_mask_name(name) else tensor.to(self.dtype)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        module = Embedding(self.config, groups=self.groups, dtype=self.dtype, device="meta")
-        state = {"word.weight": self.get("embed.word.weight")}
+        """The embedding output (``GPTModel``'s at TP=1), reading only the probe's rows."""
+        rows, inverse = tokens.unique(return_inverse=True)
+        table = torch.cat([self._rows("embed.word.weight", r, r + 1) for r in rows.tolist()])
+        x = table[inverse]
         if self.config.position_embedding == "learned":
-            state["pos.weight"] = self.get("embed.pos.weight")
-        _load(module, state)
-        return apply_mask(module(tokens), self.hidden_mask)
+            x = x + self._rows("embed.pos.weight", 0, tokens.shape[1])
+        return apply_mask(x, self.hidden_mask)
 
     def block(self, index: int) -> Block:
         module = Block(self.config, groups=self.groups, dtype=self.dtype, device="meta").eval()
@@ -216,12 +217,24 @@ class _Streamed:
         if norm.bias is not None:
             state["bias"] = self.get("final_norm.bias")
         _load(norm, state)
-        weight = self.get("embed.word.weight" if c.tie_embeddings else "lm_head.weight")
-        if weight is None:
-            raise ConfigError(f"{self.reader.path}: no output embedding")
-        logits = F.linear(norm(x, self.hidden_mask), weight)
+        name = "embed.word.weight" if c.tie_embeddings else "lm_head.weight"
+        normed = norm(x, self.hidden_mask)
+        # The output projection a block of vocabulary rows at a time (each logit is
+        # the same dot product), so the largest tensor is never held in fp64 whole.
+        vocab = self.reader.entry(name).shape[0]
+        step = max(1, _HEAD_CHUNK_BYTES // (c.hidden_size * 8))
+        logits = torch.cat(
+            [
+                F.linear(normed, self._rows(name, start, min(start + step, vocab)))
+                for start in range(0, vocab, step)
+            ],
+            dim=-1,
+        )
         loss = vocab_parallel_cross_entropy(logits, labels, self.groups).mean()
         return logits[..., : c.vocab_size], loss
+
+    def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.source.read_rows(name, start, stop).to(self.dtype)
 
 
 def _load(module: nn.Module, state: Mapping[str, torch.Tensor | None]) -> None:

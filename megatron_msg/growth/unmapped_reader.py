@@ -44,8 +44,17 @@ class UnmappedReader:
 
     def read(self, name: str, *, kind: str = "weights") -> torch.Tensor:
         """The full tensor as a fresh CPU tensor (same values as ``reader.get``)."""
+        shape = self.reader.entry(name, kind=kind).shape
+        return self.read_rows(name, 0, shape[0] if shape else 1, kind=kind)
+
+    def read_rows(self, name: str, start: int, stop: int, *, kind: str = "weights") -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0 (one contiguous byte range; a 0-d tensor
+        has the single row 0)."""
         entry = self.reader.entry(name, kind=kind)
         path = self.reader.path / entry.file
+        rows = entry.shape[0] if entry.shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"{kind} {name}: rows [{start}:{stop}) out of range for {rows} rows")
         data_start, header = self._header(entry.file)
         begin, end = header[name]["data_offsets"]
         if end - begin != entry.nbytes:
@@ -53,19 +62,22 @@ class UnmappedReader:
                 f"{path}: {name} spans {end - begin} bytes in the header, the index says "
                 f"{entry.nbytes}"
             )
-        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+        row_bytes = entry.nbytes // rows if rows else 0
+        nbytes = (stop - start) * row_bytes
+        out = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(out.numpy().data).cast("B")
         with open(path, "rb", buffering=0) as handle:
-            handle.seek(data_start + begin)
+            handle.seek(data_start + begin + start * row_bytes)
             done = 0
-            while done < entry.nbytes:
-                got = handle.readinto(view[done : min(done + _CHUNK, entry.nbytes)])
+            while done < nbytes:
+                got = handle.readinto(view[done : min(done + _CHUNK, nbytes)])
                 if not got:
                     raise CanonicalCheckpointError(
-                        f"{path}: file ended inside {name} ({done} of {entry.nbytes} bytes read)"
+                        f"{path}: file ended inside {name} ({done} of {nbytes} bytes read)"
                     )
                 done += got
-        return out.view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+        shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
+        return out.view(_TORCH_DTYPES[entry.dtype]).reshape(shape)
 
     def _header(self, file: str) -> tuple[int, dict[str, Any]]:
         if file not in self._headers:

@@ -182,6 +182,11 @@ def test_unmapped_reads_equal_reader_reads(tmp_path: Path) -> None:
         for kind in ("weights", "exp_avg_sq"):
             for name in reader.names(kind):
                 assert torch.equal(plain.read(name, kind=kind), reader.get(name, kind=kind))
+        word = reader.get("embed.word.weight")
+        assert torch.equal(plain.read_rows("embed.word.weight", 5, 9), word[5:9])
+        assert plain.read_rows("embed.word.weight", 7, 7).shape == (0, 32)
+        with pytest.raises(ValueError, match="out of range"):
+            plain.read_rows("embed.word.weight", 120, 129)
 
 
 def test_plan_from_shapes_and_consuming_builds(tmp_path: Path) -> None:
