@@ -93,7 +93,8 @@ def prepare_data(
     wanted = {"max_bytes": max_bytes, "vocab_size": vocab_size, "root": str(root or "")}
     if stamp.exists():
         recorded = json.loads(stamp.read_text())
-        if {k: recorded.get(k) for k in wanted} == wanted and Path(f"{prefix}.idx").exists():
+        built = Path(f"{prefix}_text_document.idx").exists()
+        if {k: recorded.get(k) for k in wanted} == wanted and built:
             print(f"data: reusing {cache} ({recorded['documents']} modules)")
             return _data(corpus, spm_prefix, prefix, vocab_size, recorded)
     documents, nbytes = build_corpus(corpus, max_bytes=max_bytes, root=root)

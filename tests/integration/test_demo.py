@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from megatron_msg import demo
-from megatron_msg.demo_corpus import build_corpus, stdlib_sources
+from megatron_msg.demo_corpus import build_corpus, prepare_data, stdlib_sources
 
 MINI = [
     "--steps-per-stage", "6", "--seq-len", "32", "--batch", "4",
@@ -77,6 +77,17 @@ def test_corpus_is_deterministic_and_skips_tests(tmp_path):
     texts = [json.loads(line)["text"] for line in first.read_text().splitlines()]
     assert all(t.strip() for t in texts)
     assert not any({"test", "site-packages"} & set(p.parts) for p in stdlib_sources())
+
+
+def test_prepared_data_is_reused(tmp_path, capsys):
+    first = prepare_data(tmp_path, max_bytes=20_000, vocab_size=384, workers=1)
+    assert "reusing" not in capsys.readouterr().out
+    built = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()}
+    second = prepare_data(tmp_path, max_bytes=20_000, vocab_size=384, workers=1)
+    assert "reusing" in capsys.readouterr().out
+    assert second == first
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()} == built
+    assert Path(f"{first.prefix}.bin").stat().st_size > 0 and first.tokenizer_model.exists()
 
 
 def test_bad_arguments_exit_with_usage_error(capsys):
