@@ -70,9 +70,19 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MOMENT_POLICY,
         help="Adam moments of new entries (see megatron_msg.growth.optimizer_state)",
     )
-    parser.add_argument("--ramp-steps", type=int, default=DEFAULT_RAMP_STEPS)
+    parser.add_argument(
+        "--ramp-steps",
+        type=int,
+        default=DEFAULT_RAMP_STEPS,
+        help="optimizer steps over which the new masks ramp from 0 to 1 (default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of new weights and the probe")
-    parser.add_argument("--tp", type=int, help="tensor-parallel size the target must fit")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        help="tensor-parallel size the target must fit (default: the target config's "
+        "parallel.tp, else 1)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save")
     parser.add_argument("--no-verify", action="store_true", help="skip the verification gate")
     parser.add_argument(
