@@ -11,8 +11,8 @@ Two launches of real DeepSpeed runs of a tiny GPT on gloo (shared by every test,
    - reshard only: an uninterrupted 8-step run (TP=2/DP=1, ZeRO-1) and the same 8 steps
      in four segments of 2, each converted and resumed at the next topology
      TP=2/DP=1 -> TP=1/DP=2 -> TP=2/DP=1 (ZeRO-0) -> TP=1/DP=2 (three changes);
-   - the grown stores resumed: fp32 ZeRO-1 at TP=1/DP=2, bf16 at TP=1/DP=2 (ZeRO-1),
-     ZeRO-2 at TP=2/DP=1; first the probe loss and the live canonical state (gathered
+   - the grown stores resumed: fp32 ZeRO-1 at TP=1/DP=2 and at TP=1/PP=2/DP=1 (the
+     pipeline engine), bf16 at TP=1/DP=2 (ZeRO-1), ZeRO-2 at TP=2/DP=1; first the probe loss and the live canonical state (gathered
      through DeepSpeed's safe_get_full_*), then 4 more steps.
 
 Expected (tolerances): reshard losses equal the uninterrupted run's within 2e-5
@@ -75,6 +75,9 @@ SOURCES = {  # name: (world size, source topology, resume topology)
         ["parallel.tp=2", "parallel.zero_stage=2"],
     ),
 }
+# name: (source, resume topology); the pipeline case resumes the fp32 ZeRO-1 store at PP=2.
+RESUMES = {name: (name, topology) for name, (_, _, topology) in SOURCES.items()}
+RESUMES["fp32_z1_pp2"] = ("fp32_z1", ["parallel.pp=2", "parallel.zero_stage=1"])
 SEGMENTS = [  # (parallel overrides, steps at the end of the segment)
     (["parallel.tp=2", "parallel.zero_stage=1"], 2),
     (["parallel.dp=2", "parallel.zero_stage=1"], 4),
@@ -183,10 +186,11 @@ def _reshard_chain(rank: int, base: Path) -> None:
         _write_json(base / "reshard.json", results)
 
 
-def _grown_resume(rank: int, base: Path, name: str, topology: list[str]) -> None:
+def _grown_resume(rank: int, base: Path, name: str) -> None:
     import torch.distributed as dist
 
-    grown = base / name / "grown"
+    source, topology = RESUMES[name]
+    grown = base / source / "grown"
     digest = tree_digest(grown) if rank == 0 else ""
     model = [f"model.{k}={v}" for k, v in GROWN.items()]
     trainer = _trainer(
@@ -208,6 +212,7 @@ def _grown_resume(rank: int, base: Path, name: str, topology: list[str]) -> None
     if rank == 0:
         tensors = {f"{k}/{n}": t for k in KINDS for n, t in getattr(state, k).items()}
         tensors |= {f"masks/{n}": t for n, t in state.masks.items()}
+        (base / name).mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(base / name / "live.st"))
         info = {
             "start": start,
@@ -226,8 +231,8 @@ def _resume_body(rank: int, world_size: int, root: str) -> None:
     base = Path(root)
     _sources_body(rank, world_size, root)
     _reshard_chain(rank, base)
-    for name, (_, _, topology) in SOURCES.items():
-        _grown_resume(rank, base, name, topology)
+    for name in RESUMES:
+        _grown_resume(rank, base, name)
 
 
 @pytest.fixture(scope="module")
@@ -260,19 +265,20 @@ def test_reshard_chain_continues_the_uninterrupted_run(runs: Path) -> None:
     assert reference[8] < reference[1] - 0.1  # it learned: the comparison is not trivial
 
 
-@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.parametrize("name", list(RESUMES))
 def test_grown_resume_preserves_function_and_state(runs: Path, name: str) -> None:
     from megatron_msg.checkpoint.canonical import load_canonical
     from megatron_msg.growth.operators import plan_growth
 
-    source, resumed = _read(runs / name / "source.json"), _read(runs / name / "resumed.json")
+    origin = runs / RESUMES[name][0]
+    source, resumed = _read(origin / "source.json"), _read(runs / name / "resumed.json")
     assert resumed["start"] == SOURCE_STEPS and resumed["stage"] == 0
     assert resumed["adam_step"] == SOURCE_STEPS
     assert resumed["ramp"] == {"ramp_steps": 3, "steps_done": 0}
     tolerance = 1e-3 if name.startswith("bf16") else 1e-5
     assert resumed["probe"] == pytest.approx(source["probe"], rel=tolerance, abs=0)
 
-    small, grown = load_canonical(runs / name / "small"), load_canonical(runs / name / "grown")
+    small, grown = load_canonical(origin / "small"), load_canonical(origin / "grown")
     live = load_file(str(runs / name / "live.st"))
     for kind in KINDS:  # the live engine holds exactly the grown store ...
         stored = getattr(grown, kind)
@@ -297,7 +303,7 @@ def test_grown_resume_preserves_function_and_state(runs: Path, name: str) -> Non
     assert float(small.exp_avg_sq["final_norm.weight"].abs().sum()) > 0  # real moments
 
 
-@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.parametrize("name", list(RESUMES))
 def test_grown_training_continues_and_loss_falls(runs: Path, name: str) -> None:
     resumed = _read(runs / name / "resumed.json")
     losses = {int(k): v for k, v in resumed["losses"].items()}
@@ -307,7 +313,8 @@ def test_grown_training_continues_and_loss_falls(runs: Path, name: str) -> None:
     assert sum(values[-2:]) / 2 < values[0]
 
 
-@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.parametrize("name", list(RESUMES))
 def test_inputs_are_byte_identical(runs: Path, name: str) -> None:
-    source, resumed = _read(runs / name / "source.json"), _read(runs / name / "resumed.json")
+    origin = runs / RESUMES[name][0]
+    source, resumed = _read(origin / "source.json"), _read(runs / name / "resumed.json")
     assert source["run_unchanged"] and source["small_unchanged"] and resumed["unchanged"]
