@@ -15,7 +15,7 @@
 #include <cstdint>
 
 #include "common.h"
-#include "cuda.h"
+#include "masked_norm_cuda.h"
 
 namespace masked_norm {
 namespace {

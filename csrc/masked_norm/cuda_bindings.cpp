@@ -5,7 +5,7 @@
 #include <torch/extension.h>
 
 #include "bindings_common.h"
-#include "cuda.h"
+#include "masked_norm_cuda.h"
 
 namespace masked_norm {
 namespace {

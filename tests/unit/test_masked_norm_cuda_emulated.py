@@ -59,7 +59,7 @@ def _build(lib: Path) -> None:
 
 @pytest.fixture(scope="module")
 def emu() -> ctypes.CDLL:
-    sources = [NORM / n for n in ("cuda.cu", "cuda.h", "common.h", "params.h")]
+    sources = [NORM / n for n in ("cuda.cu", "masked_norm_cuda.h", "common.h", "params.h")]
     sources += sorted((NORM / "testing").iterdir())
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     lib_path = ROOT / "build" / "cuda_emu" / f"masked_norm_emu_{digest}.so"

@@ -1,4 +1,4 @@
-// Host stand-in for the few CUDA runtime names cuda.h/cuda.cu use, so that the
+// Host stand-in for the few CUDA runtime names masked_norm_cuda.h/cuda.cu use, so that the
 // kernels can run on threads of the host (see emulate.h). Test-only.
 #pragma once
 
