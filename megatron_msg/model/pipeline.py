@@ -172,6 +172,11 @@ class GPTPipe(PipelineModule):
             partition_method="explicit",
         )
         self.config, self.groups, self.ctx = config, groups, ctx
+        # DeepSpeed only reads the layer list while building; drop other stages' modules.
+        self._layer_specs = [
+            layer if self._local_start <= i < self._local_stop else None
+            for i, layer in enumerate(self._layer_specs)
+        ]
         self.masks = model.masks
         self.recorded_losses: list[torch.Tensor] = []
         self.loss_scale = 1.0  # 0.0 for the no-op step that creates Adam's state
