@@ -154,6 +154,8 @@ class HeadPipe(nn.Module):
 class GPTPipe(PipelineModule):
     """See the module docstring. Built from a :class:`GPTModel` (its modules are reused)."""
 
+    _layer_specs: list[Any]  # DeepSpeed's, typed here for mypy
+
     def __init__(self, model: GPTModel, *, groups: ProcessGroups) -> None:
         config = model.config
         if groups.pp_size < 2:
@@ -173,10 +175,9 @@ class GPTPipe(PipelineModule):
         )
         self.config, self.groups, self.ctx = config, groups, ctx
         # DeepSpeed only reads the layer list while building; drop other stages' modules.
-        self._layer_specs = [
-            layer if self._local_start <= i < self._local_stop else None
-            for i, layer in enumerate(self._layer_specs)
-        ]
+        specs: list[Any] = list(self._layer_specs)
+        start, stop = self._local_start, self._local_stop
+        self._layer_specs = [s if start <= i < stop else None for i, s in enumerate(specs)]
         self.masks = model.masks
         self.recorded_losses: list[torch.Tensor] = []
         self.loss_scale = 1.0  # 0.0 for the no-op step that creates Adam's state
