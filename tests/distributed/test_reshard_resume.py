@@ -8,9 +8,12 @@ Two launches of real DeepSpeed runs of a tiny GPT on gloo (shared by every test,
    probe-batch loss of the small model is recorded.
 2. two ranks:
    - the same for a bf16 source (TP=2/DP=1, ZeRO-1) and a ZeRO-2 source (TP=1/DP=2);
-   - reshard only: an uninterrupted 8-step run (TP=2/DP=1, ZeRO-1) and the same 8 steps
+   - reshard only: an uninterrupted 8-step run (TP=2/DP=1, ZeRO-1, with full activation
+     recomputation, which must change nothing) and the same 8 steps
      in four segments of 2, each converted and resumed at the next topology
-     TP=2/DP=1 -> TP=1/DP=2 -> TP=2/DP=1 (ZeRO-0) -> TP=1/DP=2 (three changes);
+     TP=2/DP=1 -> TP=1/DP=2 -> TP=2/DP=1 (ZeRO-0) -> TP=1/DP=2 (three changes); then
+     segment 2 restarted with ``checkpoint.load`` naming a later store resumes from its
+     own run directory (the run-dir checkpoint wins);
    - the grown stores resumed: fp32 ZeRO-1 at TP=1/DP=2 and at TP=1/PP=2/DP=1 (the
      pipeline engine), bf16 at TP=1/DP=2 (ZeRO-1), ZeRO-2 at TP=2/DP=1; first the probe loss and the live canonical state (gathered
      through DeepSpeed's safe_get_full_*), then 4 more steps.
@@ -158,6 +161,7 @@ def _reshard_chain(rank: int, base: Path) -> None:
         [
             "parallel.tp=2",
             "parallel.zero_stage=1",
+            "train.recompute=full",  # recomputation changes nothing: the segments run without
             f"train.steps={TOTAL_STEPS}",
             f"train.run_dir={base / 'ref'}",
         ]
@@ -182,8 +186,25 @@ def _reshard_chain(rank: int, base: Path) -> None:
             convert_to_canonical(load=run, save=base / f"canon{index}")
         dist.barrier()
         previous = base / f"canon{index}"
+    results["run_dir_wins"] = _run_dir_wins(base)
     if rank == 0:
         _write_json(base / "reshard.json", results)
+
+
+def _run_dir_wins(base: Path) -> list[object]:
+    """Segment 1 restarted with checkpoint.load naming a later store: its own checkpoint wins."""
+    parallel, steps = SEGMENTS[1]
+    trainer = _trainer(
+        [
+            *parallel,
+            f"train.steps={steps}",
+            f"train.run_dir={base / 'seg1'}",
+            f"checkpoint.load={base / 'canon2'}",
+        ]
+    )
+    trainer.close()
+    trainer.engine.destroy()
+    return [trainer.step, trainer.summary.resumed_from]
 
 
 def _grown_resume(rank: int, base: Path, name: str) -> None:
@@ -263,6 +284,7 @@ def test_reshard_chain_continues_the_uninterrupted_run(runs: Path) -> None:
     for step, loss in reference.items():
         assert seen[step] == pytest.approx(loss, rel=2e-5, abs=0), step
     assert reference[8] < reference[1] - 0.1  # it learned: the comparison is not trivial
+    assert result["run_dir_wins"] == [4, "step_00000004"]
 
 
 @pytest.mark.parametrize("name", list(RESUMES))
