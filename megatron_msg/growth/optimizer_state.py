@@ -25,7 +25,7 @@ b2 in {0.95, 0.999}; benchmarks/RESULTS.md). ``zero`` gave the lower mean loss
 over the 80 steps after growth in all four cells (0.20-0.61%, mean 0.33%) and
 equal loss over the first 30. Over the first five steps after growth its new
 entries moved 0.2-0.7 lr per step (old entries: 0.15-0.21), well under the
-3.2 lr bound; under ``mean_sq`` they moved <= 0.001 lr: they stay frozen
+3.2 lr figure; under ``mean_sq`` they moved <= 0.001 lr: they stay frozen
 through the ramp, which costs more than ``zero``'s larger first steps. An
 earlier run on examples/tiny_cpu (synthetic data) pointed the same way (1.7-2.6%).
 
