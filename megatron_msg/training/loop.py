@@ -27,7 +27,7 @@ from megatron_msg.parallel.groups import ProcessGroups
 from megatron_msg.training import checkpoint as ckpt
 from megatron_msg.training.config import TrainConfig, write_resolved
 from megatron_msg.training.data import build_train_dataset, probe_batch, step_micro_batches
-from megatron_msg.training.engine import TrainEngine
+from megatron_msg.training.engine import TrainEngine, create_engine
 from megatron_msg.training.grow import grow_engine
 from megatron_msg.training.lr import LRSchedule
 from megatron_msg.training.metrics import (
@@ -102,7 +102,7 @@ class Trainer:
             device=self.device,
             init_seed=init_seed,
         )
-        engine = TrainEngine(model, config=_stage_config(self.config, stage), groups=self.groups)
+        engine = create_engine(model, config=_stage_config(self.config, stage), groups=self.groups)
         set_recompute(engine.module, self.config.train.recompute)
         return engine
 
