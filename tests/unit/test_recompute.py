@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -94,3 +96,20 @@ def test_bad_mode_is_named() -> None:
             [f"model.{k}={v}" for k, v in CONFIG.to_dict().items() if v is not None]
             + ["train.recompute=some"],
         )
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize(
+    "path", sorted(EXAMPLES.glob("*/stage*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
+)
+def test_example_stage_configs_are_training_configs(path: Path) -> None:
+    """The planner's stage YAMLs (with their plan: section) pass the training validation."""
+    config = load_config(path)
+    p = config.parallel
+    resolved = config.resolve(world_size=p.tp * p.pp * p.dp)
+    assert resolved.train.recompute == ("full" if path.parent.name == "flm101b" else "none")
+    assert resolved.plan.gpu_memory_gb > 0
+    with pytest.raises(ConfigError, match="world size"):
+        config.resolve(world_size=1)
