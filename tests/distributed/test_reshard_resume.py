@@ -5,7 +5,8 @@ Two launches of real DeepSpeed runs of a tiny GPT on gloo (shared by every test,
 1. four ranks: the headline source run, TP=2 x DP=2 with ZeRO-1 in fp32, 2 steps; it
    is converted (``convert_to_canonical``) and grown (``grow_checkpoint``: hidden
    32->48, ffn 64->96, heads 2->4, layers 2->3, masks at 0, ramp over 3 steps). The
-   probe-batch loss of the small model is recorded.
+   probe-batch loss of the small model is recorded. The grown store is resumed at
+   TP=2/PP=2/DP=1 (pipeline engine), as below.
 2. two ranks:
    - the same for a bf16 source (TP=2/DP=1, ZeRO-1) and a ZeRO-2 source (TP=1/DP=2);
    - reshard only: an uninterrupted 8-step run (TP=2/DP=1, ZeRO-1, with full activation
@@ -78,9 +79,15 @@ SOURCES = {  # name: (world size, source topology, resume topology)
         ["parallel.tp=2", "parallel.zero_stage=2"],
     ),
 }
-# name: (source, resume topology); the pipeline case resumes the fp32 ZeRO-1 store at PP=2.
-RESUMES = {name: (name, topology) for name, (_, _, topology) in SOURCES.items()}
-RESUMES["fp32_z1_pp2"] = ("fp32_z1", ["parallel.pp=2", "parallel.zero_stage=1"])
+# name: (source, world size, resume topology); the pipeline cases resume the fp32
+# ZeRO-1 store at PP=2 (the headline TP=2/PP=2/DP=1 on the four ranks).
+RESUMES = {name: (name, 2, topology) for name, (_, _, topology) in SOURCES.items()}
+RESUMES["fp32_z1_pp2"] = ("fp32_z1", 2, ["parallel.pp=2", "parallel.zero_stage=1"])
+RESUMES["fp32_z1_tp2pp2"] = (
+    "fp32_z1",
+    4,
+    ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
+)
 SEGMENTS = [  # (parallel overrides, steps at the end of the segment)
     (["parallel.tp=2", "parallel.zero_stage=1"], 2),
     (["parallel.dp=2", "parallel.zero_stage=1"], 4),
@@ -147,6 +154,10 @@ def _sources_body(rank: int, world_size: int, root: str) -> None:
             }
             _write_json(base / name / "source.json", info)
         dist.barrier()
+    if world_size == 4:
+        for name, (_, world, _) in RESUMES.items():
+            if world == world_size:
+                _grown_resume(rank, base, name)
 
 
 # ---- launch 2: reshard chain and grown resumes (2 ranks) ------------------------
@@ -210,7 +221,7 @@ def _run_dir_wins(base: Path) -> list[object]:
 def _grown_resume(rank: int, base: Path, name: str) -> None:
     import torch.distributed as dist
 
-    source, topology = RESUMES[name]
+    source, _, topology = RESUMES[name]
     grown = base / source / "grown"
     digest = tree_digest(grown) if rank == 0 else ""
     model = [f"model.{k}={v}" for k, v in GROWN.items()]
@@ -252,8 +263,9 @@ def _resume_body(rank: int, world_size: int, root: str) -> None:
     base = Path(root)
     _sources_body(rank, world_size, root)
     _reshard_chain(rank, base)
-    for name in RESUMES:
-        _grown_resume(rank, base, name)
+    for name, (_, world, _) in RESUMES.items():
+        if world == world_size:
+            _grown_resume(rank, base, name)
 
 
 @pytest.fixture(scope="module")
