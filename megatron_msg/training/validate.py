@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 from megatron_msg.config import ConfigError, ModelConfig
 from megatron_msg.growth.operators import DEPTH_STRATEGIES, INIT_SCHEMES
@@ -215,6 +216,14 @@ def _check_io(config: TrainConfig, report: Report) -> None:
     c, lg = config.checkpoint, config.logging
     if c.interval < 0 or c.keep < 0:
         report(f"checkpoint.interval ({c.interval}) and checkpoint.keep ({c.keep}) must be >= 0")
+    # The run's own checkpoint wins over checkpoint.load, so only a run with nothing to
+    # resume needs the store (checkpoint/resume.py checks its contents).
+    resuming = c.resume and (config.checkpoint_dir / "latest").exists()
+    if c.load and not resuming and not (Path(c.load) / "meta.json").is_file():
+        report(
+            f"checkpoint.load ({c.load}) is not a canonical checkpoint (no meta.json there); "
+            "make one with `megatron-msg convert` or `megatron-msg grow`"
+        )
     if lg.interval < 1 or lg.peak_flops < 0:
         report(
             f"logging.interval ({lg.interval}) must be >= 1, logging.peak_flops ({lg.peak_flops}) >= 0"

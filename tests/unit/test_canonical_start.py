@@ -111,3 +111,18 @@ def test_missing_or_truncated_store(tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(CanonicalCheckpointError, match=shard.name):
         open_canonical_start(store, _config())
+
+
+def test_config_validation_names_a_missing_store_unless_the_run_resumes(tmp_path: Path) -> None:
+    absent = tmp_path / "absent"
+    run = [f"train.run_dir={tmp_path / 'run'}", f"checkpoint.load={absent}"]
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint\.load \(.*absent\) is not a canonical checkpoint \(no meta\.json",
+    ):
+        _config(*run)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000004\n")
+    assert _config(*run).checkpoint.load == str(absent)  # the run's own checkpoint wins
+    with pytest.raises(ConfigError, match=r"no meta\.json"):
+        _config(*run, "checkpoint.resume=false")
