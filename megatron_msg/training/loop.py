@@ -90,6 +90,12 @@ class Trainer:
         # A checkpoint of this run wins over checkpoint.load (a restarted job resumes).
         self.engine = self._resume(tag) if tag else self._start()
         self._open_logs(resumed=tag is not None)
+        if self.summary.resumed_from is not None:
+            source = "checkpoint" if tag else "canonical checkpoint"
+            self.console.message(
+                f"continuing from {source} {self.summary.resumed_from} at step {self.step} "
+                f"(stage {self.stage})"
+            )
 
     # ---- setup --------------------------------------------------------------
 

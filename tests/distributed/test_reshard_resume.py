@@ -98,7 +98,7 @@ KINDS = ("weights", "exp_avg", "exp_avg_sq")
 
 
 def tree_digest(path: Path) -> str:
-    """Hash of every file's relative path, mode and bytes under ``path``."""
+    """Hash of every entry's relative path and every file's bytes under ``path``."""
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*")):
         digest.update(str(file.relative_to(path)).encode())
