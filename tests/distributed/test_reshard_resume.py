@@ -6,7 +6,7 @@ Two launches of real DeepSpeed runs of a tiny GPT on gloo (shared by every test,
    is converted (``convert_to_canonical``) and grown (``grow_checkpoint``: hidden
    32->48, ffn 64->96, heads 2->4, layers 2->3, masks at 0, ramp over 3 steps). The
    probe-batch loss of the small model is recorded. The grown store is resumed at
-   TP=2/PP=2/DP=1 (pipeline engine), as below.
+   TP=2/PP=2/DP=1 (pipeline engine, selective recomputation), as below.
 2. two ranks:
    - the same for a bf16 source (TP=2/DP=1, ZeRO-1) and a ZeRO-2 source (TP=1/DP=2);
    - reshard only: an uninterrupted 8-step run (TP=2/DP=1, ZeRO-1, with full activation
@@ -16,7 +16,8 @@ Two launches of real DeepSpeed runs of a tiny GPT on gloo (shared by every test,
      segment 2 restarted with ``checkpoint.load`` naming a later store resumes from its
      own run directory (the run-dir checkpoint wins);
    - the grown stores resumed: fp32 ZeRO-1 at TP=1/DP=2 and at TP=1/PP=2/DP=1 (the
-     pipeline engine), bf16 at TP=1/DP=2 (ZeRO-1), ZeRO-2 at TP=2/DP=1; first the probe loss and the live canonical state (gathered
+     pipeline engine, full recomputation; both pipeline runs' losses must equal the
+     TP=1/DP=2 run's within 2e-5), bf16 at TP=1/DP=2 (ZeRO-1), ZeRO-2 at TP=2/DP=1; first the probe loss and the live canonical state (gathered
      through DeepSpeed's safe_get_full_*), then 4 more steps.
 
 Expected (tolerances): reshard losses equal the uninterrupted run's within 2e-5
@@ -82,11 +83,16 @@ SOURCES = {  # name: (world size, source topology, resume topology)
 # name: (source, world size, resume topology); the pipeline cases resume the fp32
 # ZeRO-1 store at PP=2 (the issue's headline TP=2/PP=2/DP=1 on the four ranks).
 RESUMES = {name: (name, 2, topology) for name, (_, _, topology) in SOURCES.items()}
-RESUMES["fp32_z1_pp2"] = ("fp32_z1", 2, ["parallel.pp=2", "parallel.zero_stage=1"])
+# They also recompute activations (full, selective), which must change no loss.
+RESUMES["fp32_z1_pp2"] = (
+    "fp32_z1",
+    2,
+    ["parallel.pp=2", "parallel.zero_stage=1", "train.recompute=full"],
+)
 RESUMES["fp32_z1_tp2pp2"] = (
     "fp32_z1",
     4,
-    ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
+    ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1", "train.recompute=selective"],
 )
 SEGMENTS = [  # (parallel overrides, steps at the end of the segment)
     (["parallel.tp=2", "parallel.zero_stage=1"], 2),
@@ -345,6 +351,15 @@ def test_grown_training_continues_and_loss_falls(runs: Path, name: str) -> None:
     values = [losses[s] for s in sorted(losses)]
     assert all(v == v for v in values)  # finite
     assert sum(values[-2:]) / 2 < values[0]
+
+
+@pytest.mark.parametrize("name", ["fp32_z1_pp2", "fp32_z1_tp2pp2"])
+def test_pipeline_resumes_train_like_the_data_parallel_one(runs: Path, name: str) -> None:
+    reference = _read(runs / "fp32_z1" / "resumed.json")["losses"]
+    losses = _read(runs / name / "resumed.json")["losses"]
+    assert losses.keys() == reference.keys()
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=2e-5, abs=0), step
 
 
 @pytest.mark.parametrize("name", list(RESUMES))
