@@ -16,7 +16,10 @@ All estimates are closed-form, so the 101B configs plan in well under a second:
 - FLOPs per token are ``megatron_msg.training.metrics``' model FLOPs (6N over
   the matmul weights plus 12 L s n d for attention); hardware FLOPs add the
   recomputed forward (all layers under full recomputation, the attention core
-  under selective).
+  under selective, Megatron's definition; the recomputation mode is the
+  training config's ``train.recompute``). The trainer's ``selective`` currently
+  reruns the whole attention sublayer (model/block.py): it keeps less than
+  estimated here and recomputes the qkv and output projections as well.
 - Memory per GPU is for the busiest pipeline stage: bf16 weights and grads
   (2 + 2 bytes per local parameter; ZeRO-2 shards the grads over DP), and under
   ZeRO 1/2 the fp32 master, exp_avg, exp_avg_sq and DeepSpeed's fp32 gradient
