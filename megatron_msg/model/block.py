@@ -5,9 +5,10 @@ block's input and reruns the whole block in backward; ``"selective"`` reruns
 only the attention sublayer (norm1, qkv, attention core, proj: where the
 s^2-sized attention probabilities of a non-fused kernel live) and keeps the
 MLP's activations. (Megatron's selective reruns only the attention core; that
-needs the core as its own function in model/attention.py.) The rerun draws the same dropout masks: the model's
-:class:`ParallelRNG` streams are captured before the forward and replayed
-(:meth:`ParallelRNG.replaying`), so gradients equal those without recomputation.
+needs the core as its own function in model/attention.py.) The rerun draws the
+same dropout masks: the model's :class:`ParallelRNG` streams are captured
+before the forward and replayed (:meth:`ParallelRNG.replaying`), so gradients
+equal those without recomputation.
 """
 
 from __future__ import annotations
