@@ -1,10 +1,13 @@
 """Growth-tool benchmark: throughput against `cp -r`, peak memory, and an 80-layer model.
 
-1. Throughput, interleaved (grow, then copy, each repetition): `megatron-msg grow`
-   (in process, no verification) of a generated canonical checkpoint of a few
-   hundred MB, against `cp -r` of the *grown* checkpoint (the same bytes the tool
-   writes) and against `cp -r` plus fsync of every copied file (the tool fsyncs
-   each shard it writes, cp does not). Goal: grow <= 2x the copy time.
+1. Throughput, interleaved (grow, then copies, each repetition), two cases (width
+   and depth growth; depth only, where every tensor is an unchanged copy):
+   `megatron-msg grow` (in process, no verification) of a generated canonical
+   checkpoint of a few hundred MB, against `cp -r` of the *grown* checkpoint (the
+   same bytes the tool writes), `cp -r` plus fsync of every copied file (the tool
+   fsyncs each shard it writes, cp does not), and a user-space copy loop (what
+   any tool that makes its bytes in memory must at least pay; cp copies inside
+   the kernel with copy_file_range). Goal: grow <= 2x the cp time.
 2. Peak memory: the tool in a fresh subprocess (no verification, then with the
    layer-by-layer verification), peak RSS from getrusage / VmHWM, against the
    largest tensor of the grown checkpoint. Goal: peak <= 4x largest + 300 MB.
@@ -117,6 +120,20 @@ def copy(src: Path, dst: Path, *, fsync: bool) -> tuple[float, float]:
     return time.perf_counter() - start, _cpu_seconds() - cpu
 
 
+def user_copy(src: Path, dst: Path) -> tuple[float, float]:
+    """Copy ``src`` through user space (readinto / write, one reused 64 MiB buffer): the
+    floor for any tool that produces its bytes in memory. (wall s, CPU s)"""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    buf = memoryview(bytearray(64 << 20))
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    for file in sorted(src.iterdir()):
+        with open(file, "rb", buffering=0) as fin, open(dst / file.name, "wb", buffering=0) as fout:
+            while count := fin.readinto(buf):
+                fout.write(buf[:count])
+    return time.perf_counter() - start, _cpu_seconds() - cpu
+
+
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process and its finished children."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -129,7 +146,7 @@ def throughput(work: Path, reps: int) -> dict[str, Any]:
     repetition (interleaved: the machine is shared, so drift hits everything alike)."""
     src = work / "src"
     src_bytes = write_source(src, SOURCE, shard_bytes=256 << 20)
-    keys = [f"{case}/{what}" for case in CASES for what in ("grow", "cp", "cp_fsync")]
+    keys = [f"{case}/{what}" for case in CASES for what in ("grow", "cp", "cp_fsync", "user_copy")]
     times: dict[str, list[float]] = {k: [] for k in keys}
     cpu: dict[str, list[float]] = {k: [] for k in keys}
     written: dict[str, int] = {}
@@ -145,6 +162,9 @@ def throughput(work: Path, reps: int) -> dict[str, Any]:
                 wall, used = copy(dst, work / "copy", fsync=fsync)
                 times[f"{case}/{what}"].append(wall)
                 cpu[f"{case}/{what}"].append(used)
+            wall, used = user_copy(dst, work / "copy")
+            times[f"{case}/user_copy"].append(wall)
+            cpu[f"{case}/user_copy"].append(used)
             shutil.rmtree(work / "copy")
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
@@ -154,6 +174,7 @@ def throughput(work: Path, reps: int) -> dict[str, Any]:
             "ratio_cp": med[f"{case}/grow"] / med[f"{case}/cp"],
             "ratio_cp_fsync": med[f"{case}/grow"] / med[f"{case}/cp_fsync"],
             "cpu_ratio_cp": med_cpu[f"{case}/grow"] / med_cpu[f"{case}/cp"],
+            "ratio_user_copy": med[f"{case}/grow"] / med[f"{case}/user_copy"],
             "grow_mb_s": written[case] / med[f"{case}/grow"] / 1e6,
         }
         for case in CASES
@@ -295,7 +316,10 @@ def report_text(tp: dict[str, Any], mem: dict[str, Any], flm: dict[str, Any], cm
             f"-> grow / cp = {c['ratio_cp']:.2f}x, grow / (cp + fsync) = {c['ratio_cp_fsync']:.2f}x "
             f"(goal <= 2x cp: {goal}). CPU seconds: grow {tp['median_cpu'][key + 'grow']:.2f} "
             f"(both threads), cp {tp['median_cpu'][key + 'cp']:.2f} "
-            f"({c['cpu_ratio_cp']:.1f}x).",
+            f"({c['cpu_ratio_cp']:.1f}x). A user-space copy of the same files (readinto/write, "
+            f"64 MiB buffer) takes {tp['median'][key + 'user_copy']:.2f} s "
+            f"(CPU {tp['median_cpu'][key + 'user_copy']:.2f} s): grow / user-space copy = "
+            f"{c['ratio_user_copy']:.2f}x.",
         ]
     runs = {k: [round(x, 2) for x in v] for k, v in tp["times"].items()}
     lines.append(f"   All runs (s): {json.dumps(runs)}")
