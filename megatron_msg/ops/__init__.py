@@ -7,8 +7,10 @@ Public signatures (DESIGN.md, "Public entry points"):
 Both normalise over the last dimension of x (any shape; a non-contiguous x is
 copied). ``weight``/``bias`` are [hidden] in float32 or x's dtype; ``mask`` is
 a floating-point [hidden] buffer with sum(mask) > 0, or None for the plain
-norm. x, weight and bias get gradients, the mask does not. Which path runs is
-chosen per call (see ``_dispatch``; ``MEGATRON_MSG_NORM_IMPL`` forces one).
+norm. x, weight and bias get gradients, the mask does not; the fused path
+gives first derivatives only (a double backward raises). Which path runs is
+chosen per call (see ``_dispatch``; ``MEGATRON_MSG_NORM_IMPL`` forces one);
+``fused_norm_available(device, dtype)`` tells which one a call would take.
 """
 
 from __future__ import annotations
