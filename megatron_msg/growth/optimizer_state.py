@@ -63,7 +63,7 @@ MOMENT_POLICIES: tuple[str, ...] = ("zero", "mean_sq")
 DEFAULT_MOMENT_POLICY = "zero"  # by measurement; see the module docstring
 MOMENTS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
 _LAYER = re.compile(r"^layers\.\d+\.")
-_CHUNK = 1 << 22  # elements per fp64 partial sum
+_CHUNK = 1 << 22  # elements per fp32 partial sum (added up in fp64)
 
 
 def check_policy(policy: str) -> None:
