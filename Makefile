@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+EXT_STAMP := build/.extensions-built
+EXT_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 # torch is installed (pinned, CPU build) only when the venv cannot import one,
 # so a user's own CUDA build of torch is never replaced.
 TORCH_PIN ?= torch==2.13.0
@@ -22,12 +24,17 @@ $(STAMP): pyproject.toml setup.py
 	# and an isolated build env would download a second (CUDA) torch.
 	$(PIP) install -q --no-build-isolation -e '.[dev,bench,interop,export]'
 	@touch $(STAMP)
+	# The editable install has just built the extensions in place.
+	@mkdir -p build && touch $(EXT_STAMP)
 
 venv: $(STAMP)
 
 # Rebuilds the C++ extensions in place when their sources changed.
-build: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace -j 2
+$(EXT_STAMP): $(STAMP) $(EXT_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	@mkdir -p build && touch $(EXT_STAMP)
+
+build: $(EXT_STAMP)
 
 # A CUDA compile error must fail CI even where no GPU exists.
 nvcc-check:
