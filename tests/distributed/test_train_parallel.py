@@ -60,11 +60,20 @@ def _reference_losses(config, steps: int) -> list[float]:
     model = GPTModel(config.model, groups=ProcessGroups.single(), init_seed=config.train.seed)
     optimizer = build_optimizer(model, config)
     s = config.lr
-    schedule = LRSchedule(peak_lr=config.optimizer.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
-                          decay_steps=s.decay_steps, decay_style=s.decay_style)
+    schedule = LRSchedule(
+        peak_lr=config.optimizer.lr,
+        min_lr=s.min_lr,
+        warmup_steps=s.warmup_steps,
+        decay_steps=s.decay_steps,
+        decay_style=s.decay_style,
+    )
     g, mb = config.batch.global_batch_size, config.batch.micro_batch_size
-    data = SyntheticDataset(vocab_size=config.model.vocab_size, seq_len=config.data.seq_len,
-                            num_samples=g * steps, seed=config.data.seed)
+    data = SyntheticDataset(
+        vocab_size=config.model.vocab_size,
+        seq_len=config.data.seq_len,
+        num_samples=g * steps,
+        seed=config.data.seed,
+    )
     losses = []
     for step in range(steps):
         total = 0.0
@@ -97,10 +106,14 @@ def _body(rank: int, world_size: int, tmp: str) -> None:
 
     runs = {}
     reference = None
-    for name, extra in (("tp2", ["parallel.tp=2", "parallel.zero_stage=1"]),
-                        ("dp2", ["parallel.dp=2", "parallel.zero_stage=2"])):
+    for name, extra in (
+        ("tp2", ["parallel.tp=2", "parallel.zero_stage=1"]),
+        ("dp2", ["parallel.dp=2", "parallel.zero_stage=2"]),
+    ):
         trainer = Trainer(config(name, *extra))
-        assert (trainer.groups.tp_size, trainer.groups.dp_size) == ((2, 1) if name == "tp2" else (1, 2))
+        assert (trainer.groups.tp_size, trainer.groups.dp_size) == (
+            (2, 1) if name == "tp2" else (1, 2)
+        )
         if reference is None:
             reference = _reference_losses(trainer.config, 4)
         trainer.advance(to=4)
