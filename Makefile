@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.13.0
 NVCC ?= nvcc
 NVCC_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: venv build test test-fast lint format demo bench bench-norm bench-data bench-model nvcc-check clean
+.PHONY: venv build test test-fast lint format demo bench bench-norm bench-data bench-model bench-growth nvcc-check clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ bench-data: build
 
 bench-model: build
 	$(PY) benchmarks/model_throughput.py
+
+# Issue 7: MSG vs from scratch vs No Mask, 3 seeds (full size: long; see the script).
+bench-growth: build
+	$(PY) benchmarks/growth_speedup.py
 
 bench: bench-norm bench-data bench-model
 

@@ -83,7 +83,7 @@ class GrowthStage:
     ffn_hidden_size: int = 0
     num_heads: int = 0
     num_layers: int = 0
-    ramp_steps: int = 100
+    ramp_steps: int = 100  # 0: masks set to 1 and folded at once ("No Mask" ablation)
     init: str = "normal"
     depth_strategy: str = "stack"
     moment_policy: str = DEFAULT_MOMENT_POLICY  # or "mean_sq"; see growth/optimizer_state.py

@@ -77,7 +77,12 @@ def grow_engine(
     )
     new_engine = create_engine(model, config=_with_model(config, new_model), groups=groups)
     new_engine.set_state(grown)
-    ramp = MaskRamp.from_model(new_engine.module, ramp_steps=stage.ramp_steps)
+    ramp = MaskRamp.from_model(new_engine.module, ramp_steps=max(1, stage.ramp_steps))
+    if stage.ramp_steps == 0:
+        # The "No Mask" ablation (MSG paper): the new units are switched fully on at
+        # once, so the grown model no longer computes what the small one did.
+        ramp.steps_done = ramp.ramp_steps
+        ramp.apply(new_engine.module)  # done: every mask is 1, i.e. folded away
     return GrowthOutcome(engine=new_engine, ramp=ramp, seconds=time.perf_counter() - start)
 
 

@@ -187,8 +187,8 @@ def _check_growth(config: TrainConfig, report: Report) -> None:
             new.validate(tp_size=config.parallel.tp, pp_size=config.parallel.pp)
         except ConfigError as err:
             report(f"{key}: {err}")
-        if stage.ramp_steps < 1:
-            report(f"{key}.ramp_steps must be >= 1, got {stage.ramp_steps}")
+        if stage.ramp_steps < 0:  # 0: the "No Mask" ablation (new units fully on at once)
+            report(f"{key}.ramp_steps must be >= 0, got {stage.ramp_steps}")
         for name, value, choices in (
             ("init", stage.init, INIT_SCHEMES),
             ("depth_strategy", stage.depth_strategy, DEPTH_STRATEGIES),

@@ -1,0 +1,401 @@
+"""Issue 7: does MSG reach a from-scratch model's validation loss sooner? (`make bench-growth`)
+
+Three arms train side by side on CPU, seed by seed (A, B, C interleaved, so load
+from other users of the machine falls on all three alike), with the same data
+order, token budget, optimizer, and LR schedule (cosine with warm-up):
+
+* ``scratch``: the target model from the first step;
+* ``msg``: Masked Structural Growth from a model half as big in every dimension,
+  growing hidden + FFN, then heads, then layers (each dimension at least once)
+  to the target shape; new units ramp in behind masks;
+* ``nomask``: the same schedule with ``ramp_steps: 0`` (new units fully on at
+  once: the paper's "No Mask" ablation).
+
+Every ``eval_interval`` steps the validation loss is measured on fixed batches of
+the held-out split (the same for every run), against the trainer's wall time
+(its ``elapsed``: step and growth time, evaluation excluded) and against the
+model FLOPs spent so far (the trainer's FLOPs-per-token formula of the model
+that trained each step). Each run writes ``RUN/eval.jsonl`` as it goes and
+``RUN/done.json`` at the end; finished runs are skipped when the benchmark is
+started again, unfinished ones are retrained.
+
+Speed-up = wall time for ``scratch`` to reach its final validation loss / wall
+time for ``msg`` to reach the same loss (linearly interpolated between
+evaluations); the same with FLOPs. The report goes to stdout,
+``benchmarks/growth_speedup.png`` and a dated section of benchmarks/RESULTS.md.
+
+Presets: ``full`` (the issue's sizing: target (h, f, n, L) = (256, 1024, 8, 8),
+seq 128, batch 16, 1500 steps: roughly 8 minutes a run on a few CPU cores,
+9 runs about 90 minutes); ``small`` (target (128, 512, 4, 4), a few minutes a
+run); ``tiny`` (the test's miniature, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ARMS = ("scratch", "msg", "nomask")
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Preset:
+    target: tuple[int, int, int, int]  # (hidden, ffn, heads, layers); head_dim fixed
+    head_dim: int
+    seq_len: int
+    batch: int
+    steps: int
+    eval_interval: int
+    eval_batches: int  # fixed validation batches of `batch` sequences
+    vocab_size: int
+    corpus_mb: float
+    lr: float
+
+
+PRESETS = {
+    "full": Preset((256, 1024, 8, 8), 32, 128, 16, 1500, 50, 8, 2048, 3.0, 2e-3),
+    "small": Preset((128, 512, 4, 4), 32, 128, 8, 600, 25, 6, 2048, 3.0, 3e-3),
+    "tiny": Preset((32, 64, 2, 2), 16, 16, 4, 20, 4, 2, 384, 0.2, 3e-3),
+}
+
+
+def schedule(preset: Preset, *, ramp: bool) -> list[dict[str, int]]:
+    """MSG growth stages from half the target in every dimension (hidden+FFN, heads, layers)."""
+    h, f, n, layers = preset.target
+    s = preset.steps
+    ramp_steps = max(1, s // 20) if ramp else 0
+    return [
+        {"start_step": s // 4, "hidden_size": h, "ffn_hidden_size": f, "ramp_steps": ramp_steps},
+        {"start_step": (s * 2) // 5, "num_heads": n, "ramp_steps": ramp_steps},
+        {"start_step": (s * 11) // 20, "num_layers": layers, "ramp_steps": ramp_steps},
+    ]
+
+
+def run_config(
+    preset: Preset, *, arm: str, seed: int, data_prefix: str, run_dir: Path
+) -> dict[str, Any]:
+    """The trainer config (as the dict a YAML file would hold) of one arm and seed."""
+    h, f, n, layers = preset.target
+    base = (h, f, n, layers) if arm == "scratch" else (h // 2, f // 2, n // 2, layers // 2)
+    growth = [] if arm == "scratch" else schedule(preset, ramp=arm == "msg")
+    return {
+        "model": {
+            "vocab_size": preset.vocab_size, "hidden_size": base[0], "ffn_hidden_size": base[1],
+            "num_heads": base[2], "head_dim": preset.head_dim, "num_layers": base[3],
+            "max_seq_len": preset.seq_len, "norm": "rmsnorm", "activation": "swiglu",
+            "position_embedding": "rope", "use_bias": False,
+        },
+        "parallel": {"tp": 1, "pp": 1, "zero_stage": 0},
+        "optimizer": {"lr": preset.lr, "betas": [0.9, 0.95], "weight_decay": 0.01, "clip_grad": 1.0},
+        "lr": {"warmup_steps": max(1, preset.steps // 20), "decay_style": "cosine",
+               "min_lr": preset.lr / 10},
+        "batch": {"micro_batch_size": preset.batch, "global_batch_size": preset.batch},
+        # data.seed is the same for every run: one data order and one validation set.
+        "data": {"source": "indexed", "prefixes": [data_prefix], "split": "90,10,0",
+                 "seq_len": preset.seq_len, "seed": 1234},
+        "growth": growth,
+        "checkpoint": {"interval": 0, "keep": 1},
+        "logging": {"interval": preset.eval_interval, "tensorboard": False,
+                    "progress_bar": False},
+        "train": {"steps": preset.steps, "seed": seed, "run_dir": str(run_dir)},
+    }  # fmt: skip
+
+
+# ---- training one run ---------------------------------------------------------
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
+def cumulative_flops(config: Any, *, steps: int) -> float:
+    """Model training FLOPs of the first ``steps`` optimizer steps (each step's own model)."""
+    from megatron_msg.training.metrics import training_flops_per_token
+
+    models = config.stage_models()
+    tokens = config.batch.global_batch_size * config.data.seq_len
+    per_token = [training_flops_per_token(m, seq_len=config.data.seq_len) for m in models]
+    return sum(per_token[config.stage_at(step)] * tokens for step in range(steps))
+
+
+def validation_batches(config: Any, *, count: int) -> list[tuple[Any, Any]]:
+    """``count`` fixed batches of the held-out split (identical for every run)."""
+    from megatron_msg.data.blended import build_gpt_datasets
+    from megatron_msg.training.data import _batch
+
+    d, size = config.data, config.batch.micro_batch_size
+    _, valid, _ = build_gpt_datasets(
+        data_path=list(d.prefixes), split=d.split, seq_length=d.seq_len,
+        num_samples=(config.train.steps * config.batch.global_batch_size, count * size, 0),
+        seed=d.seed,
+    )  # fmt: skip
+    if valid is None or len(valid) < count * size:
+        have = 0 if valid is None else len(valid)
+        raise ValueError(
+            f"data.split {d.split!r} of {d.prefixes} leaves {have} validation samples, "
+            f"fewer than the {count * size} wanted; use a bigger corpus"
+        )
+    return [_batch(valid, range(i * size, (i + 1) * size), "cpu") for i in range(count)]
+
+
+def train_one(values: dict[str, Any], *, preset: Preset) -> dict[str, Any]:
+    """Train one run in this process, evaluating as it goes; returns its done.json summary."""
+    from megatron_msg.training.config import TrainConfig
+    from megatron_msg.training.engine import init_distributed
+    from megatron_msg.training.loop import Trainer
+
+    run_dir = Path(values["train"]["run_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
+    config = TrainConfig.from_dict(values)
+    init_distributed()
+    trainer = Trainer(config)
+    valid = validation_batches(trainer.config, count=preset.eval_batches)
+    log = run_dir / "eval.jsonl"
+    with open(log, "a") as handle:
+        while True:
+            step = trainer.step
+            loss = sum(trainer.engine.eval_loss(*b) for b in valid) / len(valid)
+            record = {"step": step, "elapsed": trainer.elapsed, "val_loss": loss,
+                      "flops": cumulative_flops(trainer.config, steps=step), "stage": trainer.stage}  # fmt: skip
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            if step >= preset.steps:
+                break
+            trainer.advance(to=min(step + preset.eval_interval, preset.steps))
+    trainer.close()
+    summary = {"seed": config.train.seed, "final_val_loss": loss, "elapsed": trainer.elapsed,
+               "growth_events": trainer.summary.growth_events}  # fmt: skip
+    _write_json_atomic(run_dir / "done.json", summary)
+    return summary
+
+
+def _train_subprocess(values: dict[str, Any], preset_name: str, run_dir: Path) -> None:
+    """One run per process: every run starts from a fresh DeepSpeed/torch state."""
+    import subprocess
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = run_dir.parent / f".{run_dir.name}.config.json"
+    _write_json_atomic(spec, values)
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    cmd = [sys.executable, __file__, "--_run-one", str(spec), "--preset", preset_name]
+    subprocess.run(cmd, check=True, env=env)
+
+
+# ---- analysis -----------------------------------------------------------------
+
+
+def time_to_reach(xs: list[float], ys: list[float], target: float) -> float | None:
+    """First x at which the piecewise-linear curve (xs, ys) comes down to ``target``."""
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(f"need equal, non-empty xs/ys, got {len(xs)} and {len(ys)} points")
+    if ys[0] <= target:
+        return xs[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if y1 <= target:
+            return x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
+    return None
+
+
+def value_at(xs: list[float], ys: list[float], x: float) -> float:
+    """The curve's value at ``x`` (linear interpolation; x must lie within xs)."""
+    if not xs[0] <= x <= xs[-1]:
+        raise ValueError(f"x={x} outside the curve's range [{xs[0]}, {xs[-1]}]")
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def speedup(
+    base: tuple[list[float], list[float]], other: tuple[list[float], list[float]]
+) -> float | None:
+    """x for ``base`` to reach its final y / x for ``other`` to reach it (None: never)."""
+    target = base[1][-1]
+    t_base, t_other = time_to_reach(*base, target), time_to_reach(*other, target)
+    if t_base is None or t_other is None or t_other <= 0:
+        return None
+    return t_base / t_other
+
+
+def load_curves(run_dir: Path) -> dict[str, list[float]]:
+    records = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines() if x]
+    return {k: [float(r[k]) for r in records] for k in ("elapsed", "flops", "val_loss")}
+
+
+def _spread(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
+        return "not reached"
+    missed = len(values) - len(got)
+    sd = statistics.stdev(got) if len(got) > 1 else 0.0
+    text = f"{statistics.mean(got):.2f}x ± {sd:.2f} (min {min(got):.2f}, max {max(got):.2f})"
+    return text + (f"; not reached in {missed} of {len(values)} seeds" if missed else "")
+
+
+def analyse(out: Path, seeds: list[int]) -> dict[str, Any]:
+    """Per-seed speed-ups (wall time, FLOPs) and losses at equal wall time."""
+    rows = []
+    for seed in seeds:
+        c = {arm: load_curves(out / f"{arm}_seed{seed}") for arm in ARMS}
+        horizon = min(c[arm]["elapsed"][-1] for arm in ARMS)
+        row: dict[str, Any] = {"seed": seed, "horizon_s": horizon}
+        for arm in ARMS:
+            row[f"{arm}_final"] = c[arm]["val_loss"][-1]
+            row[f"{arm}_seconds"] = c[arm]["elapsed"][-1]
+            row[f"{arm}_at_horizon"] = value_at(c[arm]["elapsed"], c[arm]["val_loss"], horizon)
+        for arm in ("msg", "nomask"):
+            for axis in ("elapsed", "flops"):
+                base = (c["scratch"][axis], c["scratch"]["val_loss"])
+                row[f"{arm}_{axis}_speedup"] = speedup(base, (c[arm][axis], c[arm]["val_loss"]))
+        rows.append(row)
+    return {
+        "rows": rows,
+        **{
+            f"{arm}_{axis}": _spread([r[f"{arm}_{axis}_speedup"] for r in rows])
+            for arm in ("msg", "nomask")
+            for axis in ("elapsed", "flops")
+        },
+    }
+
+
+def plot(out: Path, seeds: list[int], target: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"scratch": "tab:blue", "msg": "tab:green", "nomask": "tab:red"}
+    fig, (by_time, by_flops) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, seed in enumerate(seeds):
+        for arm in ARMS:
+            c = load_curves(out / f"{arm}_seed{seed}")
+            label = arm if i == 0 else None
+            by_time.plot([t / 60 for t in c["elapsed"]], c["val_loss"], color=colors[arm],
+                         lw=1.1, alpha=0.8, label=label)  # fmt: skip
+            by_flops.plot(c["flops"], c["val_loss"], color=colors[arm], lw=1.1, alpha=0.8,
+                          label=label)  # fmt: skip
+            if arm == "scratch":
+                continue
+            done = json.loads((out / f"{arm}_seed{seed}" / "done.json").read_text())
+            for event in done["growth_events"]:
+                by_time.axvline(event["elapsed"] / 60, color=colors[arm], ls=":", lw=0.7)
+    by_time.set_xlabel("wall time (min; growth events dotted)")
+    by_flops.set_xlabel("model training FLOPs")
+    for axis in (by_time, by_flops):
+        axis.set_ylabel("validation loss")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(f"scratch vs MSG vs No Mask, seeds {seeds}")
+    fig.tight_layout()
+    tmp = target.with_name(f".{target.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(target)
+    return target
+
+
+def report_text(result: dict[str, Any], *, preset: str, command: str, note: str) -> str:
+    lines = [
+        f"## Growth speed-up: MSG vs from scratch vs No Mask ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"Machine: 2-core CPU VM, no GPU ({platform.processor() or platform.machine()}), shared with "
+        "other engineers (the full test suite was running at the same time). "
+        f"Command: `{command}` (preset `{preset}`). {note}",
+        "",
+        f"- speed-up to scratch's final validation loss, wall time: MSG {result['msg_elapsed']}; "
+        f"No Mask {result['nomask_elapsed']}",
+        f"- same, model FLOPs: MSG {result['msg_flops']}; No Mask {result['nomask_flops']}",
+        "",
+        "| seed | scratch final | msg final | nomask final | equal time (s) | scratch @t | msg @t | nomask @t | msg speed-up (time / FLOPs) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        su = "/".join(
+            "-" if r[k] is None else f"{r[k]:.2f}x"
+            for k in ("msg_elapsed_speedup", "msg_flops_speedup")
+        )
+        lines.append(
+            f"| {r['seed']} | {r['scratch_final']:.4f} | {r['msg_final']:.4f} | {r['nomask_final']:.4f} "
+            f"| {r['horizon_s']:.0f} | {r['scratch_at_horizon']:.4f} | {r['msg_at_horizon']:.4f} "
+            f"| {r['nomask_at_horizon']:.4f} | {su} |"
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def append_results(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(old.rstrip("\n") + "\n\n" + text)
+    tmp.replace(path)
+
+
+# ---- command line -------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--out", default="demo_out/growth_speedup", help="run directories (git-ignored)")
+    p.add_argument("--data-dir", default="demo_out/data", help="corpus cache (shared with demo)")
+    p.add_argument("--plot", default=str(HERE / "growth_speedup.png"))
+    p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="'' to skip appending")
+    p.add_argument("--note", default="", help="a sentence added to the RESULTS.md section")
+    p.add_argument("--_run-one", dest="run_one", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.run_one:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        train_one(json.loads(Path(args.run_one).read_text()), preset=preset)
+        return 0
+    if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
+        raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+    from megatron_msg.demo_corpus import prepare_data
+
+    data = prepare_data(Path(args.data_dir), max_bytes=int(preset.corpus_mb * 1e6),
+                        vocab_size=preset.vocab_size, workers=2)  # fmt: skip
+    out = Path(args.out)
+    for seed in args.seeds:
+        for arm in ARMS:  # interleaved: A, B, C for each seed
+            run_dir = out / f"{arm}_seed{seed}"
+            if (run_dir / "done.json").exists():
+                print(f"{run_dir}: finished earlier, kept")
+                continue
+            values = run_config(
+                preset, arm=arm, seed=seed, data_prefix=str(data.prefix), run_dir=run_dir
+            )
+            start = time.perf_counter()
+            _train_subprocess(values, args.preset, run_dir)
+            print(f"{run_dir}: done in {time.perf_counter() - start:.0f}s", flush=True)
+    result = analyse(out, args.seeds)
+    command = " ".join(
+        ["python", "benchmarks/growth_speedup.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    text = report_text(result, preset=args.preset, command=command, note=args.note)
+    print(text)
+    _write_json_atomic(out / "report.json", result)
+    (out / "report.md").write_text(text)
+    print(f"plot: {plot(out, args.seeds, Path(args.plot))}")
+    if args.results:
+        append_results(Path(args.results), text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
