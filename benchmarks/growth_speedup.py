@@ -73,7 +73,7 @@ def schedule(preset: Preset, *, ramp: bool) -> list[dict[str, int]]:
     """MSG growth stages from half the target in every dimension (hidden+FFN, heads, layers)."""
     h, f, n, layers = preset.target
     s = preset.steps
-    ramp_steps = max(1, s // 20) if ramp else 0
+    ramp_steps = max(2, s // 20) if ramp else 0
     return [
         {"start_step": s // 4, "hidden_size": h, "ffn_hidden_size": f, "ramp_steps": ramp_steps},
         {"start_step": (s * 2) // 5, "num_heads": n, "ramp_steps": ramp_steps},
