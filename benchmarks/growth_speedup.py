@@ -25,9 +25,11 @@ evaluations); the same with FLOPs. The report goes to stdout,
 ``benchmarks/growth_speedup.png`` and a dated section of benchmarks/RESULTS.md.
 
 Presets: ``full`` (the issue's sizing: target (h, f, n, L) = (256, 1024, 8, 8),
-seq 128, batch 16, 1500 steps: roughly 8 minutes a run on a few CPU cores,
-9 runs about 90 minutes); ``small`` (target (128, 512, 4, 4), a few minutes a
-run); ``tiny`` (the test's miniature, seconds).
+seq 128, batch 8, 800 steps, ~0.8M tokens; estimated from the ``small`` preset's
+throughput at ~8-9 minutes a run on this 2-core VM when nobody else uses it, so
+9 runs take about 80 minutes; not yet measured); ``small`` (target
+(128, 512, 4, 4), 600 steps, 2-3 minutes a run: the reduced configuration);
+``tiny`` (the test's miniature, seconds).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset((256, 1024, 8, 8), 32, 128, 16, 1500, 50, 8, 2048, 3.0, 2e-3),
+    "full": Preset((256, 1024, 8, 8), 32, 128, 8, 800, 25, 8, 2048, 3.0, 2e-3),
     "small": Preset((128, 512, 4, 4), 32, 128, 8, 600, 25, 6, 2048, 3.0, 3e-3),
     "tiny": Preset((32, 64, 2, 2), 16, 16, 4, 20, 4, 2, 384, 0.2, 3e-3),
 }
