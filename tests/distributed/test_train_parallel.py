@@ -18,20 +18,10 @@ import os
 
 from tests.dist_utils import run_distributed
 from tests.integration.test_train_run import _check_growth_keeps_old_state
+from tests.tiny_run import TINY_RUN
 
 BASE = [
-    "model.vocab_size=64",
-    "model.hidden_size=32",
-    "model.ffn_hidden_size=64",
-    "model.num_heads=2",
-    "model.head_dim=16",
-    "model.num_layers=2",
-    "model.max_seq_len=16",
-    "data.source=synthetic",
-    "data.seq_len=16",
-    "batch.micro_batch_size=2",
-    "batch.global_batch_size=8",
-    "optimizer.lr=3e-3",
+    *TINY_RUN,
     "lr.warmup_steps=2",
     "lr.min_lr=3e-4",
     "growth.0.start_step=4",
