@@ -261,6 +261,12 @@ def analyse(out: Path, seeds: list[int]) -> dict[str, Any]:
             for axis in ("elapsed", "flops"):
                 base = (c["scratch"][axis], c["scratch"]["val_loss"])
                 row[f"{arm}_{axis}_speedup"] = speedup(base, (c[arm][axis], c[arm]["val_loss"]))
+                # The reverse view, defined even when the arm never reaches scratch's loss:
+                # scratch's cost to reach the arm's final loss / the arm's whole cost.
+                reached = time_to_reach(*base, c[arm]["val_loss"][-1])
+                row[f"{arm}_{axis}_reverse"] = (
+                    None if reached is None else reached / c[arm][axis][-1]
+                )
         rows.append(row)
     return {
         "rows": rows,
@@ -308,17 +314,27 @@ def plot(out: Path, seeds: list[int], target: Path) -> Path:
     return target
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def report_text(result: dict[str, Any], *, preset: str, command: str, note: str) -> str:
     lines = [
         f"## Growth speed-up: MSG vs from scratch vs No Mask ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
         f"Machine: 2-core CPU VM, no GPU ({platform.processor() or platform.machine()}), shared with "
-        "other engineers (the full test suite was running at the same time). "
+        "whoever else uses it while measuring. "
         f"Command: `{command}` (preset `{preset}`). {note}",
         "",
         f"- speed-up to scratch's final validation loss, wall time: MSG {result['msg_elapsed']}; "
         f"No Mask {result['nomask_elapsed']}",
         f"- same, model FLOPs: MSG {result['msg_flops']}; No Mask {result['nomask_flops']}",
+        "- reverse (scratch's wall time / FLOPs to reach MSG's final loss, as a fraction of "
+        "MSG's): "
+        + ", ".join(
+            f"seed {r['seed']} {_ratio(r['msg_elapsed_reverse'])} / {_ratio(r['msg_flops_reverse'])}"
+            for r in result["rows"]
+        ),
         "",
         "| seed | scratch final | msg final | nomask final | equal time (s) | scratch @t | msg @t | nomask @t | msg speed-up (time / FLOPs) |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -70,6 +70,7 @@ def test_benchmark_miniature_runs_reports_and_resumes(tmp_path):
     report = json.loads((runs / "report.json").read_text())
     (row,) = report["rows"]
     assert row["seed"] == 5 and row["horizon_s"] > 0
+    assert row["msg_elapsed_reverse"] is None or row["msg_elapsed_reverse"] > 0
     assert set(report) >= {"msg_elapsed", "msg_flops", "nomask_elapsed", "nomask_flops"}
     results = (tmp_path / "RESULTS.md").read_text()
     assert results.count("## Growth speed-up") == 1 and "| 5 |" in results
