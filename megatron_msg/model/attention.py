@@ -39,6 +39,28 @@ def rope_tables(
     return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
 
+class RopeCache:
+    """RoPE tables per (device, seq_len, dtype), shared by the whole model and
+    kept outside the module buffers: a cast of the model to bf16 must not
+    degrade the angles, so tables are at least fp32."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self._config = config
+        self._tables: dict[tuple[torch.device, int, torch.dtype], Rope] = {}
+
+    def get(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> Rope | None:
+        c = self._config
+        if c.position_embedding != "rope":
+            return None
+        table_dtype = torch.promote_types(dtype, torch.float32)
+        key = (device, seq_len, table_dtype)
+        if key not in self._tables:
+            self._tables[key] = rope_tables(
+                seq_len, c.head_dim, base=c.rope_base, dtype=table_dtype, device=device
+            )
+        return self._tables[key]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [b, n, s, d] by position; ``cos``/``sin`` are [s, d]."""
     half = x.shape[-1] // 2

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_msg.config import ModelConfig
-from megatron_msg.model.attention import Rope, rope_tables
+from megatron_msg.model.attention import Rope, RopeCache
 from megatron_msg.model.block import Block, set_recompute
 from megatron_msg.model.canonical import (
     CanonicalStateError,
@@ -111,7 +111,7 @@ class GPTModel(nn.Module):
                 device=device,
             )
         self.masks = MaskSet(("hidden",))
-        self._rope: dict[tuple[torch.device, int, torch.dtype], Rope] = {}
+        self._rope = RopeCache(config)
         # Dropout draws from named per-rank streams (replace to restore a checkpoint's).
         self.rng: ParallelRNG | None = None
         if init_seed is not None:
@@ -171,18 +171,7 @@ class GPTModel(nn.Module):
             )
 
     def _rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> Rope | None:
-        # Cached outside the buffers (a cast of the model to bf16 must not
-        # degrade the angles), in at least fp32.
-        if self.config.position_embedding != "rope":
-            return None
-        table_dtype = torch.promote_types(dtype, torch.float32)
-        key = (device, seq_len, table_dtype)
-        if key not in self._rope:
-            c = self.config
-            self._rope[key] = rope_tables(
-                seq_len, c.head_dim, base=c.rope_base, dtype=table_dtype, device=device
-            )
-        return self._rope[key]
+        return self._rope.get(seq_len, device, dtype)
 
     def _require_rng(self) -> ParallelRNG:
         if self.rng is None:

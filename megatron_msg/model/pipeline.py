@@ -31,7 +31,7 @@ from deepspeed.pipe import PipelineModule
 from torch import nn
 
 from megatron_msg.config import ConfigError, ModelConfig
-from megatron_msg.model.attention import Rope, rope_tables
+from megatron_msg.model.attention import Rope, RopeCache
 from megatron_msg.model.block import Block
 from megatron_msg.model.canonical import canonical_specs
 from megatron_msg.model.gpt import Embedding, GPTModel
@@ -79,22 +79,13 @@ class _StageContext:
     def __init__(self, config: ModelConfig, groups: ProcessGroups, masks: MaskSet) -> None:
         self.config, self.groups, self.masks = config, groups, masks
         self.rng: ParallelRNG | None = None
-        self._rope: dict[tuple[torch.device, int, torch.dtype], Rope] = {}
+        self._rope = RopeCache(config)
 
     def hidden_mask(self) -> torch.Tensor | None:
         return self.masks.get("hidden")
 
     def rope(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> Rope | None:
-        if self.config.position_embedding != "rope":
-            return None
-        table_dtype = torch.promote_types(dtype, torch.float32)
-        key = (device, seq_len, table_dtype)
-        if key not in self._rope:
-            c = self.config
-            self._rope[key] = rope_tables(
-                seq_len, c.head_dim, base=c.rope_base, dtype=table_dtype, device=device
-            )
-        return self._rope[key]
+        return self._rope.get(seq_len, device, dtype)
 
 
 class EmbeddingPipe(nn.Module):
