@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="a training run directory (holds metrics.jsonl)")
     parser.add_argument("--out", default=None, help="PNG path (default RUN_DIR/loss.png)")
     args = parser.parse_args(argv)
-    path = plot_run(args.run_dir, out=args.out)
+    try:
+        path = plot_run(args.run_dir, out=args.out)
+    except FileNotFoundError as err:
+        print(f"megatron-msg plot: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0

@@ -14,10 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from megatron_msg.config import ConfigError, ModelConfig
-from megatron_msg.training.config import RECOMPUTE_MODES, PlanSettings, TrainConfig
+from megatron_msg.training.config import (
+    RECOMPUTE_MODES,
+    PlanSettings,
+    TrainConfig,
+    read_yaml_mapping,
+)
 from megatron_msg.training.schema import parse_override, set_dotted
 
 __all__ = ["RECOMPUTE_MODES", "PlanSettings", "StageInput", "hostfile_slots", "load_stages"]
@@ -36,9 +39,7 @@ class StageInput:
 
 def load_stages(path: str | Path, overrides: Sequence[str] = ()) -> list[StageInput]:
     """Read one config: the training config plus its ``plan:`` section; one entry per model stage."""
-    raw = yaml.safe_load(Path(path).read_text())
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)

@@ -213,15 +213,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML config file's top-level mapping; a missing, unreadable or malformed
+    file is a ConfigError naming the file, not a traceback."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, got {type(loaded).__name__}"
+        )
+    return loaded or {}
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML; None for an empty base) and apply ``key=value`` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded)}")
-        values = loaded or {}
+    values = read_yaml_mapping(path) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(values, key, value)

@@ -201,3 +201,18 @@ def test_resume_rejects_a_changed_schedule_or_batch():
     shrunk = _resolve("batch.micro_batch_size=2")
     with pytest.raises(ConfigError, match="growth stage 1 but the config has only 0"):
         _check_resumable(shrunk, run, "step_00000012")
+
+
+def test_missing_or_malformed_config_file_is_a_config_error(tmp_path):
+    """A bad config file is reported by name, never as a traceback from yaml or open()."""
+    missing = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match=r"cannot read config file .*absent\.yaml"):
+        load_config(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [1\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml is not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level, got list"):
+        load_config(listing)
