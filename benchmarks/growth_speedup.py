@@ -165,20 +165,23 @@ def train_one(values: dict[str, Any], *, preset: Preset) -> dict[str, Any]:
     trainer = Trainer(config)
     valid = validation_batches(trainer.config, count=preset.eval_batches)
     log = run_dir / "eval.jsonl"
+    cpu = 0.0  # process CPU seconds of training (all threads), evaluation excluded
     with open(log, "a") as handle:
         while True:
             step = trainer.step
             loss = sum(trainer.engine.eval_loss(*b) for b in valid) / len(valid)
-            record = {"step": step, "elapsed": trainer.elapsed, "val_loss": loss,
+            record = {"step": step, "elapsed": trainer.elapsed, "cpu": cpu, "val_loss": loss,
                       "flops": cumulative_flops(trainer.config, steps=step), "stage": trainer.stage}  # fmt: skip
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             if step >= preset.steps:
                 break
+            start_cpu = time.process_time()
             trainer.advance(to=min(step + preset.eval_interval, preset.steps))
+            cpu += time.process_time() - start_cpu
     trainer.close()
     summary = {"seed": config.train.seed, "final_val_loss": loss, "elapsed": trainer.elapsed,
-               "growth_events": trainer.summary.growth_events}  # fmt: skip
+               "cpu": cpu, "growth_events": trainer.summary.growth_events}  # fmt: skip
     _write_json_atomic(run_dir / "done.json", summary)
     return summary
 
