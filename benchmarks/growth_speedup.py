@@ -83,13 +83,30 @@ def schedule(preset: Preset, *, ramp: bool) -> list[dict[str, int]]:
     ]
 
 
+SHAPE_KEYS = ("hidden_size", "ffn_hidden_size", "num_heads", "num_layers")
+
+
 def run_config(
-    preset: Preset, *, arm: str, seed: int, data_prefix: str, run_dir: Path
+    preset: Preset,
+    *,
+    arm: str,
+    seed: int,
+    data_prefix: str,
+    run_dir: Path,
+    searched: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The trainer config (as the dict a YAML file would hold) of one arm and seed."""
+    """The trainer config (as the dict a YAML file would hold) of one arm and seed.
+
+    ``searched`` (a ``schedule.yaml`` of `megatron-msg schedule-search`: the start
+    model's shape and the ``growth:`` list) replaces the built-in MSG schedule.
+    """
     h, f, n, layers = preset.target
     base = (h, f, n, layers) if arm == "scratch" else (h // 2, f // 2, n // 2, layers // 2)
     growth = [] if arm == "scratch" else schedule(preset, ramp=arm == "msg")
+    if searched is not None and arm != "scratch":
+        base = tuple(int(searched["model"][k]) for k in SHAPE_KEYS)  # type: ignore[assignment]
+        growth = [dict(g, ramp_steps=g["ramp_steps"] if arm == "msg" else 0)
+                  for g in searched["growth"]]  # fmt: skip
     return {
         "model": {
             "vocab_size": preset.vocab_size, "hidden_size": base[0], "ffn_hidden_size": base[1],
@@ -132,29 +149,10 @@ def cumulative_flops(config: Any, *, steps: int) -> float:
     return sum(per_token[config.stage_at(step)] * tokens for step in range(steps))
 
 
-def validation_batches(config: Any, *, count: int) -> list[tuple[Any, Any]]:
-    """``count`` fixed batches of the held-out split (identical for every run)."""
-    from megatron_msg.data.blended import build_gpt_datasets
-    from megatron_msg.training.data import _batch
-
-    d, size = config.data, config.batch.micro_batch_size
-    _, valid, _ = build_gpt_datasets(
-        data_path=list(d.prefixes), split=d.split, seq_length=d.seq_len,
-        num_samples=(config.train.steps * config.batch.global_batch_size, count * size, 0),
-        seed=d.seed,
-    )  # fmt: skip
-    if valid is None or len(valid) < count * size:
-        have = 0 if valid is None else len(valid)
-        raise ValueError(
-            f"data.split {d.split!r} of {d.prefixes} leaves {have} validation samples, "
-            f"fewer than the {count * size} wanted; use a bigger corpus"
-        )
-    return [_batch(valid, range(i * size, (i + 1) * size), "cpu") for i in range(count)]
-
-
 def train_one(values: dict[str, Any], *, preset: Preset) -> dict[str, Any]:
     """Train one run in this process, evaluating as it goes; returns its done.json summary."""
     from megatron_msg.training.config import TrainConfig
+    from megatron_msg.training.data import validation_batches
     from megatron_msg.training.engine import init_distributed
     from megatron_msg.training.loop import Trainer
 
@@ -186,12 +184,92 @@ def train_one(values: dict[str, Any], *, preset: Preset) -> dict[str, Any]:
     return summary
 
 
+def _spec_path(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.config.json"
+
+
+def _same_run(values: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Identical configs apart from where the run lives."""
+    strip = [json.loads(json.dumps(v)) for v in (values, other)]
+    for v in strip:
+        v["train"].pop("run_dir", None)
+    return strip[0] == strip[1]
+
+
+def _finished_with(run_dir: Path, values: dict[str, Any]) -> bool:
+    spec = _spec_path(run_dir)
+    return (
+        (run_dir / "done.json").exists()
+        and spec.exists()
+        and _same_run(values, json.loads(spec.read_text()))
+    )
+
+
+def _copy_finished(source: Path, run_dir: Path, values: dict[str, Any]) -> bool:
+    """Copy ``source`` (a finished run of the same config) to ``run_dir``; False if unfit."""
+    spec = _spec_path(source)
+    if not ((source / "done.json").exists() and spec.exists()):
+        return False
+    if not _same_run(values, json.loads(spec.read_text())):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tmp = run_dir.with_name(f".{run_dir.name}.copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+    _write_json_atomic(_spec_path(run_dir), values)
+    tmp.replace(run_dir)
+    return True
+
+
+def search_schedule(
+    preset: Preset, *, data_prefix: str, seed: int, out: Path, probe_steps: int
+) -> Path:
+    """`megatron-msg schedule-search` from the msg arm's start shape to the target (probes
+    with this benchmark's data, optimizer and LR schedule; CPU-time clock, steadier on a
+    shared machine); returns the schedule.yaml it wrote."""
+    import subprocess
+
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    values = run_config(preset, arm="msg", seed=seed, data_prefix=data_prefix,
+                        run_dir=out / "run")  # fmt: skip
+    values["growth"] = []
+    config = out / "run.yaml"
+    config.write_text(yaml.safe_dump(values, sort_keys=False))
+    ramp = max(2, preset.steps // 20)  # as the built-in schedule
+    cmd = [sys.executable, "-m", "megatron_msg.cli", "schedule-search", "--config", str(config),
+           "--target", ",".join(map(str, preset.target)), "--out", str(out), "--clock", "cpu",
+           "--probe-steps", str(probe_steps or preset.steps // 4),
+           "--eval-interval", str(preset.eval_interval), "--eval-batches", str(preset.eval_batches),
+           "--ramp-steps", str(ramp)]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    subprocess.run(cmd, check=True, env=env)
+    return out / "schedule.yaml"
+
+
+def _read_schedule(path: Path, preset: Preset) -> dict[str, Any]:
+    import yaml
+
+    values = yaml.safe_load(path.read_text())
+    if not isinstance(values, dict) or "model" not in values or "growth" not in values:
+        raise ValueError(f"{path}: not a schedule-search schedule.yaml (needs model and growth)")
+    final = [values["model"][k] for k in SHAPE_KEYS]
+    for stage in values["growth"]:
+        final = [stage.get(k) or v for k, v in zip(SHAPE_KEYS, final)]
+    if tuple(final) != preset.target:
+        raise ValueError(
+            f"{path}: the schedule ends at {tuple(final)}, not the target {preset.target}"
+        )
+    return values
+
+
 def _train_subprocess(values: dict[str, Any], preset_name: str, run_dir: Path) -> None:
     """One run per process: every run starts from a fresh DeepSpeed/torch state."""
     import subprocess
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = run_dir.parent / f".{run_dir.name}.config.json"
+    spec = _spec_path(run_dir)
     _write_json_atomic(spec, values)
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     cmd = [sys.executable, __file__, "--_run-one", str(spec), "--preset", preset_name]
@@ -234,9 +312,14 @@ def speedup(
     return t_base / t_other
 
 
+AXES = ("elapsed", "cpu", "flops")  # wall seconds, training CPU seconds, model FLOPs
+
+
 def load_curves(run_dir: Path) -> dict[str, list[float]]:
+    """Validation loss and the cost axes of one run (runs older than the ``cpu`` axis lack it)."""
     records = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines() if x]
-    return {k: [float(r[k]) for r in records] for k in ("elapsed", "flops", "val_loss")}
+    keys = [k for k in (*AXES, "val_loss") if all(k in r for r in records)]
+    return {k: [float(r[k]) for r in records] for k in keys}
 
 
 def _spread(values: list[float | None]) -> str:
@@ -252,8 +335,10 @@ def _spread(values: list[float | None]) -> str:
 def analyse(out: Path, seeds: list[int]) -> dict[str, Any]:
     """Per-seed speed-ups (wall time, FLOPs) and losses at equal wall time."""
     rows = []
+    axes: list[str] = list(AXES)
     for seed in seeds:
         c = {arm: load_curves(out / f"{arm}_seed{seed}") for arm in ARMS}
+        axes = [a for a in axes if all(a in c[arm] for arm in ARMS)]
         horizon = min(c[arm]["elapsed"][-1] for arm in ARMS)
         row: dict[str, Any] = {"seed": seed, "horizon_s": horizon}
         for arm in ARMS:
@@ -261,7 +346,7 @@ def analyse(out: Path, seeds: list[int]) -> dict[str, Any]:
             row[f"{arm}_seconds"] = c[arm]["elapsed"][-1]
             row[f"{arm}_at_horizon"] = value_at(c[arm]["elapsed"], c[arm]["val_loss"], horizon)
         for arm in ("msg", "nomask"):
-            for axis in ("elapsed", "flops"):
+            for axis in axes:
                 base = (c["scratch"][axis], c["scratch"]["val_loss"])
                 row[f"{arm}_{axis}_speedup"] = speedup(base, (c[arm][axis], c[arm]["val_loss"]))
                 # The reverse view, defined even when the arm never reaches scratch's loss:
@@ -273,10 +358,11 @@ def analyse(out: Path, seeds: list[int]) -> dict[str, Any]:
         rows.append(row)
     return {
         "rows": rows,
+        "axes": axes,
         **{
             f"{arm}_{axis}": _spread([r[f"{arm}_{axis}_speedup"] for r in rows])
             for arm in ("msg", "nomask")
-            for axis in ("elapsed", "flops")
+            for axis in axes
         },
     }
 
@@ -317,6 +403,22 @@ def plot(out: Path, seeds: list[int], target: Path) -> Path:
     return target
 
 
+def describe_schedule(values: dict[str, Any], searched: bool) -> str:
+    """One sentence: where the MSG arm starts and when it grows into which shape."""
+    shape = [values["model"][k] for k in SHAPE_KEYS]
+    steps = []
+    for stage in values["growth"]:
+        shape = [stage.get(k) or v for k, v in zip(SHAPE_KEYS, shape)]
+        steps.append(f"{tuple(shape)} at step {stage['start_step']}")
+    start = tuple(values["model"][k] for k in SHAPE_KEYS)
+    origin = "found by `megatron-msg schedule-search`" if searched else "built in"
+    return (
+        f"MSG schedule ({origin}, ramp {values['growth'][0]['ramp_steps']} steps): {start}, then "
+        + ", ".join(steps)
+        + "."
+    )
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -331,6 +433,13 @@ def report_text(result: dict[str, Any], *, preset: str, command: str, note: str)
         "",
         f"- speed-up to scratch's final validation loss, wall time: MSG {result['msg_elapsed']}; "
         f"No Mask {result['nomask_elapsed']}",
+        *(
+            [
+                f"- same, training CPU seconds: MSG {result['msg_cpu']}; No Mask {result['nomask_cpu']}"
+            ]
+            if "cpu" in result.get("axes", ())
+            else []
+        ),
         f"- same, model FLOPs: MSG {result['msg_flops']}; No Mask {result['nomask_flops']}",
         "- reverse (scratch's wall time / FLOPs to reach MSG's final loss, as a fraction of "
         "MSG's): "
@@ -374,6 +483,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=str(HERE / "growth_speedup.png"))
     p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="'' to skip appending")
     p.add_argument("--note", default="", help="a sentence added to the RESULTS.md section")
+    p.add_argument("--schedule", default="",
+                   help="a schedule.yaml of `megatron-msg schedule-search` for the msg and nomask "
+                        "arms (default: the built-in schedule)")  # fmt: skip
+    p.add_argument("--search", action="store_true",
+                   help="run `megatron-msg schedule-search` first (into OUT/search) and use its "
+                        "schedule")  # fmt: skip
+    p.add_argument("--probe-steps", type=int, default=0, help="--search probe length (0: steps/4)")
+    p.add_argument("--reuse-scratch", default="",
+                   help="an earlier benchmark's out dir: its finished scratch runs of identical "
+                        "config are copied instead of retrained")  # fmt: skip
     p.add_argument("--_run-one", dest="run_one", default="", help=argparse.SUPPRESS)
     return p
 
@@ -392,15 +511,24 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(Path(args.data_dir), max_bytes=int(preset.corpus_mb * 1e6),
                         vocab_size=preset.vocab_size, workers=2)  # fmt: skip
     out = Path(args.out)
+    searched = None
+    if args.search:
+        args.schedule = str(search_schedule(preset, data_prefix=str(data.prefix), seed=args.seeds[0],
+                                            out=out / "search", probe_steps=args.probe_steps))  # fmt: skip
+    if args.schedule:
+        searched = _read_schedule(Path(args.schedule), preset)
     for seed in args.seeds:
         for arm in ARMS:  # interleaved: A, B, C for each seed
             run_dir = out / f"{arm}_seed{seed}"
-            if (run_dir / "done.json").exists():
-                print(f"{run_dir}: finished earlier, kept")
+            values = run_config(preset, arm=arm, seed=seed, data_prefix=str(data.prefix),
+                                run_dir=run_dir, searched=searched)  # fmt: skip
+            if _finished_with(run_dir, values):
+                print(f"{run_dir}: finished earlier with this config, kept")
                 continue
-            values = run_config(
-                preset, arm=arm, seed=seed, data_prefix=str(data.prefix), run_dir=run_dir
-            )
+            source = Path(args.reuse_scratch) / run_dir.name
+            if arm == "scratch" and args.reuse_scratch and _copy_finished(source, run_dir, values):
+                print(f"{run_dir}: copied from {source} (same config)")
+                continue
             start = time.perf_counter()
             _train_subprocess(values, args.preset, run_dir)
             print(f"{run_dir}: done in {time.perf_counter() - start:.0f}s", flush=True)
@@ -408,7 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(
         ["python", "benchmarks/growth_speedup.py", *(argv if argv is not None else sys.argv[1:])]
     )
-    text = report_text(result, preset=args.preset, command=command, note=args.note)
+    msg_values = run_config(preset, arm="msg", seed=args.seeds[0], data_prefix="",
+                            run_dir=out, searched=searched)  # fmt: skip
+    text = report_text(result, preset=args.preset, command=command,
+                       note=" ".join(x for x in (describe_schedule(msg_values, searched is not None),
+                                                 args.note) if x))  # fmt: skip
     print(text)
     _write_json_atomic(out / "report.json", result)
     (out / "report.md").write_text(text)

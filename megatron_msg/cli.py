@@ -26,6 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_msg.growth.planner",
         "parameters, FLOPs, memory per GPU, time and growth I/O of stage configs",
     ),
+    "schedule-search": (
+        "megatron_msg.training.schedule_search_cli",
+        "choose growth stages by measuring candidate shapes' loss per second",
+    ),
     "grow": (
         "megatron_msg.growth.grow_cli",
         "grow a canonical checkpoint (weights, Adam state) into the next stage's shape",

@@ -59,21 +59,53 @@ def build_train_dataset(config: TrainConfig) -> SampleSource:
         return SyntheticDataset(
             vocab_size=config.model.vocab_size, seq_len=d.seq_len, num_samples=needed, seed=d.seed
         )
-    from megatron_msg.data.blended import build_gpt_datasets
-
-    data_path: list[str] = list(d.prefixes)
-    if d.weights:
-        data_path = [str(x) for pair in zip(d.weights, d.prefixes) for x in pair]
-    train, _, _ = build_gpt_datasets(
-        data_path=data_path,
-        split=d.split,
-        seq_length=d.seq_len,
-        num_samples=(needed, 0, 0),
-        seed=d.seed,
-    )
+    train, _, _ = _indexed_splits(config, num_samples=(needed, 0, 0))
     if train is None:
         raise ValueError(f"data.split {d.split!r} leaves no training documents in {d.prefixes}")
     return train  # type: ignore[no-any-return]
+
+
+def _indexed_splits(
+    config: TrainConfig, *, num_samples: tuple[int, int, int]
+) -> tuple[Any, Any, Any]:
+    """(train, valid, test) GPT datasets of the indexed (optionally blended) data."""
+    from megatron_msg.data.blended import build_gpt_datasets
+
+    d = config.data
+    data_path: list[str] = list(d.prefixes)
+    if d.weights:
+        data_path = [str(x) for pair in zip(d.weights, d.prefixes) for x in pair]
+    return build_gpt_datasets(  # type: ignore[no-any-return]
+        data_path=data_path, split=d.split, seq_length=d.seq_len, num_samples=num_samples,
+        seed=d.seed,
+    )  # fmt: skip
+
+
+def validation_batches(
+    config: TrainConfig, *, count: int, device: torch.device | str = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` fixed held-out batches of ``micro_batch_size`` sequences: the validation
+    split of indexed data, or synthetic samples past the training range. The same for
+    every model shape and seed (they depend on the data settings only); collective."""
+    d, size = config.data, config.batch.micro_batch_size
+    needed = config.train.steps * config.batch.global_batch_size
+    if d.source == "synthetic":
+        held_out = SyntheticDataset(
+            vocab_size=config.model.vocab_size,
+            seq_len=d.seq_len,
+            num_samples=needed + count * size,
+            seed=d.seed,
+        )
+        return [_batch(held_out, range(needed + i * size, needed + (i + 1) * size), device)
+                for i in range(count)]  # fmt: skip
+    _, valid, _ = _indexed_splits(config, num_samples=(needed, count * size, 0))
+    if valid is None or len(valid) < count * size:
+        have = 0 if valid is None else len(valid)
+        raise ValueError(
+            f"data.split {d.split!r} of {d.prefixes} leaves {have} validation samples, "
+            f"fewer than the {count * size} wanted; use a bigger corpus or split"
+        )
+    return [_batch(valid, range(i * size, (i + 1) * size), device) for i in range(count)]
 
 
 def step_micro_batches(

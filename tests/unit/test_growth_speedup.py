@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_msg.config import ConfigError
 from megatron_msg.training.config import TrainConfig
@@ -120,3 +122,53 @@ def test_ramp_steps_zero_is_valid_and_negative_is_not(bench, tmp_path):
     values["growth"][1]["ramp_steps"] = -1
     with pytest.raises(ConfigError, match=r"growth\.1\.ramp_steps must be >= 0, got -1"):
         TrainConfig.from_dict(values).resolve(world_size=1)
+
+
+def test_a_searched_schedule_replaces_the_built_in_one(bench, tmp_path):
+    preset = bench.PRESETS["small"]
+    searched = {
+        "model": {"hidden_size": 128, "ffn_hidden_size": 512, "num_heads": 2, "num_layers": 4},
+        "growth": [{"start_step": 50, "ramp_steps": 30, "hidden_size": 128,
+                    "ffn_hidden_size": 512, "num_heads": 4, "num_layers": 4}],
+    }  # fmt: skip
+    for arm, ramp in (("msg", 30), ("nomask", 0)):
+        values = bench.run_config(preset, arm=arm, seed=1, data_prefix="x", run_dir=tmp_path,
+                                  searched=searched)  # fmt: skip
+        assert values["model"]["num_heads"] == 2 and values["model"]["hidden_size"] == 128
+        assert [(g["start_step"], g["ramp_steps"]) for g in values["growth"]] == [(50, ramp)]
+        TrainConfig.from_dict(values).resolve(world_size=1)
+    scratch = bench.run_config(preset, arm="scratch", seed=1, data_prefix="x", run_dir=tmp_path,
+                               searched=searched)  # fmt: skip
+    assert scratch == bench.run_config(preset, arm="scratch", seed=1, data_prefix="x",
+                                       run_dir=tmp_path)  # fmt: skip
+    text = bench.describe_schedule(
+        bench.run_config(preset, arm="msg", seed=1, data_prefix="x", run_dir=tmp_path,
+                         searched=searched), True)  # fmt: skip
+    assert text == ("MSG schedule (found by `megatron-msg schedule-search`, ramp 30 steps): "
+                    "(128, 512, 2, 4), then (128, 512, 4, 4) at step 50.")  # fmt: skip
+    path = tmp_path / "schedule.yaml"
+    path.write_text(yaml.safe_dump(searched))
+    assert bench._read_schedule(path, preset) == searched
+    with pytest.raises(ValueError, match=r"ends at \(128, 512, 4, 4\), not the target"):
+        bench._read_schedule(path, bench.PRESETS["full"])
+
+
+def test_finished_runs_are_kept_or_copied_only_with_an_identical_config(bench, tmp_path):
+    preset = bench.PRESETS["tiny"]
+    values = bench.run_config(preset, arm="scratch", seed=1, data_prefix="x",
+                              run_dir=tmp_path / "a" / "scratch_seed1")  # fmt: skip
+    source = tmp_path / "a" / "scratch_seed1"
+    source.mkdir(parents=True)
+    (source / "eval.jsonl").write_text("{}\n")
+    bench._write_json_atomic(bench._spec_path(source), values)
+    assert not bench._finished_with(source, values)  # no done.json yet
+    (source / "done.json").write_text("{}")
+    assert bench._finished_with(source, values)
+    target = tmp_path / "b" / "scratch_seed1"
+    target.parent.mkdir()
+    moved = dict(values, train=dict(values["train"], run_dir=str(target)))
+    other_lr = json.loads(json.dumps(moved))
+    other_lr["optimizer"]["lr"] = 1.0
+    assert not bench._copy_finished(source, target, other_lr) and not target.exists()
+    assert bench._copy_finished(source, target, moved)
+    assert (target / "eval.jsonl").read_text() == "{}\n" and bench._finished_with(target, moved)
