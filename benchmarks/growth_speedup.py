@@ -25,11 +25,14 @@ evaluations); the same with FLOPs. The report goes to stdout,
 ``benchmarks/growth_speedup.png`` and a dated section of benchmarks/RESULTS.md.
 
 Presets: ``full`` (the issue's sizing: target (h, f, n, L) = (256, 1024, 8, 8),
-seq 128, batch 8, 800 steps, ~0.8M tokens; estimated from the ``small`` preset's
-throughput at ~8-9 minutes a run on this 2-core VM when nobody else uses it, so
-9 runs take about 80 minutes; not yet measured); ``small`` (target
+seq 128, batch 8, 800 steps, ~0.8M tokens, one epoch of a 6 MB corpus (~1.7M
+tokens) with 12 held-out batches (12k tokens) per evaluation; a scratch run
+takes ~9-10 minutes on this 2-core VM, a growth run ~5-6); ``small`` (target
 (128, 512, 4, 4), 600 steps, 2-3 minutes a run: the reduced configuration);
 ``tiny`` (the test's miniature, seconds).
+
+The corpus is the standard library's modules in a seeded random order (see
+``megatron_msg.demo_corpus``), so the validation split is in-distribution.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset((256, 1024, 8, 8), 32, 128, 8, 800, 25, 8, 2048, 3.0, 2e-3),
+    "full": Preset((256, 1024, 8, 8), 32, 128, 8, 800, 25, 12, 2048, 6.0, 2e-3),
     "small": Preset((128, 512, 4, 4), 32, 128, 8, 600, 25, 6, 2048, 3.0, 3e-3),
     "tiny": Preset((32, 64, 2, 2), 16, 16, 4, 20, 4, 2, 384, 0.2, 3e-3),
 }
@@ -479,7 +482,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--out", default="demo_out/growth_speedup", help="run directories (git-ignored)")
-    p.add_argument("--data-dir", default="demo_out/data", help="corpus cache (shared with demo)")
+    p.add_argument("--data-dir", default="demo_out/data_growth_speedup", help="corpus cache")
     p.add_argument("--plot", default=str(HERE / "growth_speedup.png"))
     p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="'' to skip appending")
     p.add_argument("--note", default="", help="a sentence added to the RESULTS.md section")
@@ -508,8 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
     from megatron_msg.demo_corpus import prepare_data
 
+    # Modules in a seeded random order: the validation split (the last documents) is
+    # then held out from the same distribution as the training split.
     data = prepare_data(Path(args.data_dir), max_bytes=int(preset.corpus_mb * 1e6),
-                        vocab_size=preset.vocab_size, workers=2)  # fmt: skip
+                        vocab_size=preset.vocab_size, workers=2, shuffle_seed=0)  # fmt: skip
     out = Path(args.out)
     searched = None
     if args.search:

@@ -4,7 +4,11 @@
 (skipping its test suites and installed third-party packages) and writes one
 jsonl record per module, ``{"text": <module source>}``: docstrings, comments
 and code. The walk is deterministic, so the same interpreter gives the same
-corpus, byte for byte; ``max_bytes`` caps its size.
+corpus, byte for byte; ``max_bytes`` caps its size. With ``shuffle_seed`` the
+modules come in a seeded random order instead, so a capped corpus samples the
+whole library and a contiguous validation split (Megatron splits by document
+index) is held out from the same distribution as the training split rather than
+being the alphabetically last packages.
 
 ``prepare_data`` then runs the project's own data tools on it: a SentencePiece
 tokenizer (``data.train_tokenizer``) and the indexed dataset
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,7 +59,9 @@ def stdlib_sources(*, root: Path | None = None) -> Iterator[Path]:
     yield from sorted(found, key=lambda p: p.relative_to(base).as_posix())
 
 
-def build_corpus(target: Path, *, max_bytes: int, root: Path | None = None) -> tuple[int, int]:
+def build_corpus(
+    target: Path, *, max_bytes: int, root: Path | None = None, shuffle_seed: int | None = None
+) -> tuple[int, int]:
     """Write the corpus jsonl atomically; returns ``(documents, text bytes)``."""
     if max_bytes < 10_000:
         raise ValueError(f"max_bytes must be >= 10000 to make a usable corpus, got {max_bytes}")
@@ -62,7 +69,10 @@ def build_corpus(target: Path, *, max_bytes: int, root: Path | None = None) -> t
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as out:
-            for path in stdlib_sources(root=root):
+            sources = list(stdlib_sources(root=root))
+            if shuffle_seed is not None:
+                random.Random(shuffle_seed).shuffle(sources)
+            for path in sources:
                 if path.stat().st_size > _MAX_FILE_BYTES:
                     continue
                 try:
@@ -83,21 +93,30 @@ def build_corpus(target: Path, *, max_bytes: int, root: Path | None = None) -> t
 
 
 def prepare_data(
-    cache: Path, *, max_bytes: int, vocab_size: int, workers: int, root: Path | None = None
+    cache: Path,
+    *,
+    max_bytes: int,
+    vocab_size: int,
+    workers: int,
+    root: Path | None = None,
+    shuffle_seed: int | None = None,
 ) -> DemoData:
     """Corpus -> SentencePiece tokenizer -> indexed dataset under ``cache`` (reused if present)."""
     cache.mkdir(parents=True, exist_ok=True)
     corpus, spm_prefix = cache / "stdlib.jsonl", cache / f"spm{vocab_size}"
     prefix = cache / f"stdlib_spm{vocab_size}"
     stamp = cache / f"stamp_{vocab_size}.json"
-    wanted = {"max_bytes": max_bytes, "vocab_size": vocab_size, "root": str(root or "")}
+    wanted = {"max_bytes": max_bytes, "vocab_size": vocab_size, "root": str(root or ""),
+              "shuffle_seed": shuffle_seed}  # fmt: skip
     if stamp.exists():
         recorded = json.loads(stamp.read_text())
         built = Path(f"{prefix}_text_document.idx").exists()
         if {k: recorded.get(k) for k in wanted} == wanted and built:
             print(f"data: reusing {cache} ({recorded['documents']} modules)")
             return _data(corpus, spm_prefix, prefix, vocab_size, recorded)
-    documents, nbytes = build_corpus(corpus, max_bytes=max_bytes, root=root)
+    documents, nbytes = build_corpus(
+        corpus, max_bytes=max_bytes, root=root, shuffle_seed=shuffle_seed
+    )
     print(f"data: {documents} standard-library modules, {nbytes / 1e6:.1f} MB -> {corpus}")
     texts = iter_texts([str(corpus)], json_keys=["text"], skip_invalid=False, skipped=[])
     train_sentencepiece(

@@ -97,3 +97,21 @@ def test_bad_arguments_exit_with_usage_error(capsys):
     assert "steps_per_stage" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_bytes"):
         build_corpus(Path("/nonexistent/x.jsonl"), max_bytes=10)
+
+
+def test_a_shuffled_corpus_samples_the_whole_library_reproducibly(tmp_path):
+    paths = {name: tmp_path / f"{name}.jsonl" for name in ("sorted", "a", "b", "other")}
+    build_corpus(paths["sorted"], max_bytes=200_000)
+    build_corpus(paths["a"], max_bytes=200_000, shuffle_seed=1)
+    build_corpus(paths["b"], max_bytes=200_000, shuffle_seed=1)
+    build_corpus(paths["other"], max_bytes=200_000, shuffle_seed=2)
+    assert paths["a"].read_bytes() == paths["b"].read_bytes()
+    texts = {
+        k: [json.loads(x)["text"] for x in p.read_text().splitlines()] for k, p in paths.items()
+    }
+    assert texts["a"] != texts["other"]
+    # the sorted corpus is the alphabetically first modules; a shuffled one is not
+    assert texts["a"][:3] != texts["sorted"][:3]
+    everything = {p.read_text(encoding="utf-8") for p in stdlib_sources()
+                  if p.stat().st_size <= 200_000}  # fmt: skip
+    assert set(texts["a"]) <= everything
