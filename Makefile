@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.13.0
 NVCC ?= nvcc
 NVCC_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: venv build test test-fast lint format demo bench bench-norm bench-data bench-model bench-growth nvcc-check clean
+.PHONY: venv build test test-fast lint format demo bench bench-norm bench-data bench-model bench-growth bench-growth-searched nvcc-check clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ bench-model: build
 # Issue 7: MSG vs from scratch vs No Mask, 3 seeds (full size: long; see the script).
 bench-growth: build
 	$(PY) benchmarks/growth_speedup.py
+
+# The same with the growth schedule chosen by `megatron-msg schedule-search` (its probes
+# first, then the MSG and No Mask arms; scratch runs are reused from bench-growth).
+bench-growth-searched: build
+	$(PY) benchmarks/growth_speedup.py --search --out demo_out/growth_speedup_searched \
+		--reuse-scratch demo_out/growth_speedup --plot benchmarks/growth_speedup_searched.png
 
 bench: bench-norm bench-data bench-model
 

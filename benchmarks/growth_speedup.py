@@ -38,6 +38,7 @@ The corpus is the standard library's modules in a seeded random order (see
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -493,6 +494,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="run `megatron-msg schedule-search` first (into OUT/search) and use its "
                         "schedule")  # fmt: skip
     p.add_argument("--probe-steps", type=int, default=0, help="--search probe length (0: steps/4)")
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="peak learning rate of every arm (min_lr = lr/10); 0: the preset's")  # fmt: skip
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="train only these arms (the speed-up report needs all three; with "
+                        "fewer, each run's final loss and time are printed)")  # fmt: skip
     p.add_argument("--reuse-scratch", default="",
                    help="an earlier benchmark's out dir: its finished scratch runs of identical "
                         "config are copied instead of retrained")  # fmt: skip
@@ -509,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
         raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+    if args.lr < 0:
+        raise ValueError(f"--lr must be positive (or 0 for the preset's), got {args.lr}")
+    if args.lr:
+        preset = dataclasses.replace(preset, lr=args.lr)
     from megatron_msg.demo_corpus import prepare_data
 
     # Modules in a seeded random order: the validation split (the last documents) is
@@ -523,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.schedule:
         searched = _read_schedule(Path(args.schedule), preset)
     for seed in args.seeds:
-        for arm in ARMS:  # interleaved: A, B, C for each seed
+        for arm in (a for a in ARMS if a in args.arms):  # interleaved: A, B, C for each seed
             run_dir = out / f"{arm}_seed{seed}"
             values = run_config(preset, arm=arm, seed=seed, data_prefix=str(data.prefix),
                                 run_dir=run_dir, searched=searched)  # fmt: skip
@@ -537,6 +547,13 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             _train_subprocess(values, args.preset, run_dir)
             print(f"{run_dir}: done in {time.perf_counter() - start:.0f}s", flush=True)
+    if set(args.arms) != set(ARMS):
+        for seed in args.seeds:
+            for arm in args.arms:
+                c = load_curves(out / f"{arm}_seed{seed}")
+                print(f"{arm} seed {seed} (lr {preset.lr:g}): final validation loss "
+                      f"{c['val_loss'][-1]:.4f} after {c['elapsed'][-1]:.0f}s")  # fmt: skip
+        return 0
     result = analyse(out, args.seeds)
     command = " ".join(
         ["python", "benchmarks/growth_speedup.py", *(argv if argv is not None else sys.argv[1:])]

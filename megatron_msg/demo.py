@@ -30,7 +30,6 @@ tolerance or the loss did not fall.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -95,10 +94,9 @@ def demo_config(
 
 def train_run(values: dict[str, Any]) -> Any:
     """Train with the real trainer in this process (a world of one); returns its RunSummary."""
-    import torch
+    from megatron_msg.training.accelerator import default_to_cpu_accelerator
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    default_to_cpu_accelerator()
     from megatron_msg.training.config import TrainConfig
     from megatron_msg.training.engine import init_distributed
     from megatron_msg.training.loop import train

@@ -235,10 +235,9 @@ def write_outputs(
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    import torch
+    from megatron_msg.training.accelerator import default_to_cpu_accelerator
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    default_to_cpu_accelerator()
     from megatron_msg.training.config import load_config
     from megatron_msg.training.engine import init_distributed
 
