@@ -560,9 +560,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{c['val_loss'][-1]:.4f} after {c['elapsed'][-1]:.0f}s")  # fmt: skip
         return 0
     result = analyse(out, args.seeds)
-    command = " ".join(
-        ["python", "benchmarks/growth_speedup.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in given and given.index("--note") + 1 < len(given):  # the note is in the text
+        given[given.index("--note") + 1] = "..."
+    command = " ".join(["python", "benchmarks/growth_speedup.py", *given])
     msg_values = run_config(preset, arm="msg", seed=args.seeds[0], data_prefix="",
                             run_dir=out, searched=searched)  # fmt: skip
     text = report_text(result, preset=args.preset, command=command,
