@@ -13,19 +13,12 @@ import torch
 from megatron_msg import cli
 from megatron_msg.checkpoint.canonical import load_canonical
 from megatron_msg.growth.grow_tool import GrowOptions, grow_checkpoint
+from tests.tiny_run import TINY_MODEL_DATA
 from tests.unit.grow_tool_sources import siblings, tree_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [
-    "model.vocab_size=64",
-    "model.hidden_size=32",
-    "model.ffn_hidden_size=64",
-    "model.num_heads=2",
-    "model.head_dim=16",
-    "model.num_layers=2",
-    "model.max_seq_len=16",
-    "data.source=synthetic",
-    "data.seq_len=16",
+    *TINY_MODEL_DATA,
     "batch.micro_batch_size=4",
     "batch.grad_accum=1",
     "parallel.zero_stage=1",

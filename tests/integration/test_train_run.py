@@ -20,17 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_distributed
+from tests.tiny_run import TINY_MODEL_DATA
 
 TINY = [
-    "model.vocab_size=64",
-    "model.hidden_size=32",
-    "model.ffn_hidden_size=64",
-    "model.num_heads=2",
-    "model.head_dim=16",
-    "model.num_layers=2",
-    "model.max_seq_len=16",
-    "data.source=synthetic",
-    "data.seq_len=16",
+    *TINY_MODEL_DATA,
     "batch.micro_batch_size=4",
     "batch.grad_accum=2",
     "optimizer.lr=3e-3",
