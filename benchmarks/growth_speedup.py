@@ -9,7 +9,11 @@ order, token budget, optimizer, and LR schedule (cosine with warm-up):
   growing hidden + FFN, then heads, then layers (each dimension at least once)
   to the target shape; new units ramp in behind masks;
 * ``nomask``: the same schedule with ``ramp_steps: 0`` (new units fully on at
-  once: the paper's "No Mask" ablation).
+  once: the paper's "No Mask" ablation);
+* ``net2net`` (optional, trained only when named in ``--arms``): the same
+  schedule grown by the Net2Net/bert2BERT copy operator (growth/net2net.py:
+  new units copy old ones, readers' weights split; no masks). It can be added
+  to a finished benchmark later; the report then includes it.
 
 Every ``eval_interval`` steps the validation loss is measured on fixed batches of
 the held-out split (the same for every run), against the trainer's wall time
@@ -55,7 +59,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ARMS = ("scratch", "msg", "nomask")
+# The three arms every report needs, then the optional Net2Net/bert2BERT copy operator
+# (growth/net2net.py) on the same schedule: trained only when named in --arms.
+CORE_ARMS = ("scratch", "msg", "nomask")
+ARMS = (*CORE_ARMS, "net2net")
+LABELS = {"scratch": "from scratch", "msg": "MSG", "nomask": "No Mask", "net2net": "Net2Net"}
 HERE = Path(__file__).resolve().parent
 
 
@@ -116,6 +124,8 @@ def run_config(
         base = tuple(int(searched["model"][k]) for k in SHAPE_KEYS)  # type: ignore[assignment]
         growth = [dict(g, ramp_steps=g["ramp_steps"] if arm == "msg" else 0)
                   for g in searched["growth"]]  # fmt: skip
+    if arm == "net2net":  # No Mask's stages, grown by copying units instead of masking new ones
+        growth = [dict(g, operator="net2net") for g in growth]
     return {
         "model": {
             "vocab_size": preset.vocab_size, "hidden_size": base[0], "ffn_hidden_size": base[1],
@@ -341,20 +351,22 @@ def _spread(values: list[float | None]) -> str:
     return text + (f"; not reached in {missed} of {len(values)} seeds" if missed else "")
 
 
-def analyse(out: Path, seeds: list[int]) -> dict[str, Any]:
-    """Per-seed speed-ups (wall time, FLOPs) and losses at equal wall time."""
+def analyse(out: Path, seeds: list[int], arms: tuple[str, ...] = CORE_ARMS) -> dict[str, Any]:
+    """Per-seed speed-ups (wall time, FLOPs) and losses at equal wall time; ``arms`` starts
+    with scratch, the baseline of every ratio."""
+    grown = arms[1:]
     rows = []
     axes: list[str] = list(AXES)
     for seed in seeds:
-        c = {arm: load_curves(out / f"{arm}_seed{seed}") for arm in ARMS}
-        axes = [a for a in axes if all(a in c[arm] for arm in ARMS)]
-        horizon = min(c[arm]["elapsed"][-1] for arm in ARMS)
+        c = {arm: load_curves(out / f"{arm}_seed{seed}") for arm in arms}
+        axes = [a for a in axes if all(a in c[arm] for arm in arms)]
+        horizon = min(c[arm]["elapsed"][-1] for arm in arms)
         row: dict[str, Any] = {"seed": seed, "horizon_s": horizon}
-        for arm in ARMS:
+        for arm in arms:
             row[f"{arm}_final"] = c[arm]["val_loss"][-1]
             row[f"{arm}_seconds"] = c[arm]["elapsed"][-1]
             row[f"{arm}_at_horizon"] = value_at(c[arm]["elapsed"], c[arm]["val_loss"], horizon)
-        for arm in ("msg", "nomask"):
+        for arm in grown:
             for axis in axes:
                 base = (c["scratch"][axis], c["scratch"]["val_loss"])
                 row[f"{arm}_{axis}_speedup"] = speedup(base, (c[arm][axis], c[arm]["val_loss"]))
@@ -368,24 +380,30 @@ def analyse(out: Path, seeds: list[int]) -> dict[str, Any]:
     return {
         "rows": rows,
         "axes": axes,
+        "arms": list(arms),
         **{
             f"{arm}_{axis}": _spread([r[f"{arm}_{axis}_speedup"] for r in rows])
-            for arm in ("msg", "nomask")
+            for arm in grown
             for axis in axes
         },
     }
 
 
-def plot(out: Path, seeds: list[int], target: Path) -> Path:
+def plot(out: Path, seeds: list[int], target: Path, arms: tuple[str, ...] = CORE_ARMS) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"scratch": "tab:blue", "msg": "tab:green", "nomask": "tab:red"}
+    colors = {
+        "scratch": "tab:blue",
+        "msg": "tab:green",
+        "nomask": "tab:red",
+        "net2net": "tab:orange",
+    }
     fig, (by_time, by_flops) = plt.subplots(1, 2, figsize=(13, 5))
     for i, seed in enumerate(seeds):
-        for arm in ARMS:
+        for arm in arms:
             c = load_curves(out / f"{arm}_seed{seed}")
             label = arm if i == 0 else None
             by_time.plot([t / 60 for t in c["elapsed"]], c["val_loss"], color=colors[arm],
@@ -403,7 +421,7 @@ def plot(out: Path, seeds: list[int], target: Path) -> Path:
         axis.set_ylabel("validation loss")
         axis.grid(alpha=0.3)
         axis.legend()
-    fig.suptitle(f"scratch vs MSG vs No Mask, seeds {seeds}")
+    fig.suptitle(f"{' vs '.join(LABELS[a] for a in arms)}, seeds {seeds}")
     fig.tight_layout()
     tmp = target.with_name(f".{target.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -433,23 +451,23 @@ def _ratio(value: float | None) -> str:
 
 
 def report_text(result: dict[str, Any], *, preset: str, command: str, note: str) -> str:
+    arms = result.get("arms", CORE_ARMS)
+    grown = arms[1:]
+
+    def per_arm(axis: str) -> str:
+        return "; ".join(f"{LABELS[a]} {result[f'{a}_{axis}']}" for a in grown)
+
+    title = " vs ".join(LABELS[a] for a in ("msg", "scratch", *grown[1:]))
     lines = [
-        f"## Growth speed-up: MSG vs from scratch vs No Mask ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        f"## Growth speed-up: {title} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
         f"Machine: 2-core CPU VM, no GPU ({platform.processor() or platform.machine()}), shared with "
         "whoever else uses it while measuring. "
         f"Command: `{command}` (preset `{preset}`). {note}",
         "",
-        f"- speed-up to scratch's final validation loss, wall time: MSG {result['msg_elapsed']}; "
-        f"No Mask {result['nomask_elapsed']}",
-        *(
-            [
-                f"- same, training CPU seconds: MSG {result['msg_cpu']}; No Mask {result['nomask_cpu']}"
-            ]
-            if "cpu" in result.get("axes", ())
-            else []
-        ),
-        f"- same, model FLOPs: MSG {result['msg_flops']}; No Mask {result['nomask_flops']}",
+        f"- speed-up to scratch's final validation loss, wall time: {per_arm('elapsed')}",
+        *([f"- same, training CPU seconds: {per_arm('cpu')}"] if "cpu" in result["axes"] else []),
+        f"- same, model FLOPs: {per_arm('flops')}",
         "- reverse (scratch's wall time / FLOPs to reach MSG's final loss, as a fraction of "
         "MSG's): "
         + ", ".join(
@@ -457,19 +475,18 @@ def report_text(result: dict[str, Any], *, preset: str, command: str, note: str)
             for r in result["rows"]
         ),
         "",
-        "| seed | scratch final | msg final | nomask final | equal time (s) | scratch @t | msg @t | nomask @t | msg speed-up (time / FLOPs) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| seed | "
+        + " | ".join(f"{a} final" for a in arms)
+        + " | equal time (s) | "
+        + " | ".join(f"{a} @t" for a in arms)
+        + " | msg speed-up (time / FLOPs) |",
+        "|---|" + "---|" * (2 * len(arms) + 2),
     ]
     for r in result["rows"]:
-        su = "/".join(
-            "-" if r[k] is None else f"{r[k]:.2f}x"
-            for k in ("msg_elapsed_speedup", "msg_flops_speedup")
-        )
-        lines.append(
-            f"| {r['seed']} | {r['scratch_final']:.4f} | {r['msg_final']:.4f} | {r['nomask_final']:.4f} "
-            f"| {r['horizon_s']:.0f} | {r['scratch_at_horizon']:.4f} | {r['msg_at_horizon']:.4f} "
-            f"| {r['nomask_at_horizon']:.4f} | {su} |"
-        )  # fmt: skip
+        su = "/".join(_ratio(r[k]) for k in ("msg_elapsed_speedup", "msg_flops_speedup"))
+        finals = " | ".join(f"{r[f'{a}_final']:.4f}" for a in arms)
+        at_t = " | ".join(f"{r[f'{a}_at_horizon']:.4f}" for a in arms)
+        lines.append(f"| {r['seed']} | {finals} | {r['horizon_s']:.0f} | {at_t} | {su} |")
     return "\n".join(lines) + "\n"
 
 
@@ -501,9 +518,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, default=0, help="--search probe length (0: steps/4)")
     p.add_argument("--lr", type=float, default=0.0,
                    help="peak learning rate of every arm (min_lr = lr/10); 0: the preset's")  # fmt: skip
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
-                   help="train only these arms (the speed-up report needs all three; with "
-                        "fewer, each run's final loss and time are printed)")  # fmt: skip
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(CORE_ARMS),
+                   help="train these arms (default: the three core arms; add net2net for the "
+                        "copy-operator arm). The report needs the core arms finished in OUT with "
+                        "this config, trained now or earlier; without them each trained run's "
+                        "final loss and time are printed")  # fmt: skip
     p.add_argument("--reuse-scratch", default="",
                    help="an earlier benchmark's out dir: its finished scratch runs of identical "
                         "config are copied instead of retrained")  # fmt: skip
@@ -552,14 +571,22 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             _train_subprocess(values, args.preset, run_dir)
             print(f"{run_dir}: done in {time.perf_counter() - start:.0f}s", flush=True)
-    if set(args.arms) != set(ARMS):
+
+    def finished(arm: str) -> bool:  # every seed's run of ``arm`` is in OUT, with this config
+        return all(_finished_with(out / f"{arm}_seed{seed}",
+                                  run_config(preset, arm=arm, seed=seed, data_prefix=str(data.prefix),
+                                             run_dir=out / f"{arm}_seed{seed}", searched=searched))
+                   for seed in args.seeds)  # fmt: skip
+
+    arms = tuple(arm for arm in ARMS if finished(arm))
+    if not set(CORE_ARMS) <= set(arms):
         for seed in args.seeds:
             for arm in args.arms:
                 c = load_curves(out / f"{arm}_seed{seed}")
                 print(f"{arm} seed {seed} (lr {preset.lr:g}): final validation loss "
                       f"{c['val_loss'][-1]:.4f} after {c['elapsed'][-1]:.0f}s")  # fmt: skip
         return 0
-    result = analyse(out, args.seeds)
+    result = analyse(out, args.seeds, arms)
     given = list(argv if argv is not None else sys.argv[1:])
     if "--note" in given and given.index("--note") + 1 < len(given):  # the note is in the text
         given[given.index("--note") + 1] = "..."
@@ -572,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     _write_json_atomic(out / "report.json", result)
     (out / "report.md").write_text(text)
-    print(f"plot: {plot(out, args.seeds, Path(args.plot))}")
+    print(f"plot: {plot(out, args.seeds, Path(args.plot), arms)}")
     if args.results:
         append_results(Path(args.results), text)
     return 0

@@ -87,6 +87,9 @@ class GrowthStage:
     init: str = "normal"
     depth_strategy: str = "stack"
     moment_policy: str = DEFAULT_MOMENT_POLICY  # or "mean_sq"; see growth/optimizer_state.py
+    # "msg": masked, strictly function-preserving; "net2net": the copy baseline
+    # (growth/net2net.py), mask-free, so it needs ramp_steps 0.
+    operator: str = "msg"
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from megatron_msg.config import ModelConfig
 from megatron_msg.growth.masks import MaskRamp
+from megatron_msg.growth.net2net import net2net_grow
 from megatron_msg.growth.operators import grow
 from megatron_msg.growth.optimizer_state import carry_moments
 from megatron_msg.model import GPTModel
@@ -49,15 +50,25 @@ def grow_engine(
     start = time.perf_counter()
     old_model = engine.module.config
     state = engine.get_state()
-    result = grow(
-        {**state.weights, **state.masks},
-        old_model,
-        new_model,
-        init=stage.init,
-        depth_strategy=stage.depth_strategy,
-        seed=seed,
-        tp_size=groups.tp_size,
-    )
+    if stage.operator == "net2net":
+        result = net2net_grow(
+            {**state.weights, **state.masks},
+            old_model,
+            new_model,
+            depth_strategy=stage.depth_strategy,
+            seed=seed,
+            tp_size=groups.tp_size,
+        )
+    else:
+        result = grow(
+            {**state.weights, **state.masks},
+            old_model,
+            new_model,
+            init=stage.init,
+            depth_strategy=stage.depth_strategy,
+            seed=seed,
+            tp_size=groups.tp_size,
+        )
     exp_avg, exp_avg_sq = carry_moments(
         state.exp_avg, state.exp_avg_sq, result.maps, policy=stage.moment_policy
     )
@@ -80,7 +91,8 @@ def grow_engine(
     ramp = MaskRamp.from_model(new_engine.module, ramp_steps=max(1, stage.ramp_steps))
     if stage.ramp_steps == 0:
         # The "No Mask" ablation (MSG paper): the new units are switched fully on at
-        # once, so the grown model no longer computes what the small one did.
+        # once, so the grown model no longer computes what the small one did. (The
+        # net2net operator builds no masks: this only marks its empty ramp done.)
         ramp.steps_done = ramp.ramp_steps
         ramp.apply(new_engine.module)  # done: every mask is 1, i.e. folded away
     return GrowthOutcome(engine=new_engine, ramp=ramp, seconds=time.perf_counter() - start)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megatron_msg.config import ConfigError, ModelConfig
+from megatron_msg.growth.net2net import GROWTH_OPERATORS
 from megatron_msg.growth.operators import DEPTH_STRATEGIES, INIT_SCHEMES
 from megatron_msg.growth.optimizer_state import MOMENT_POLICIES
 from megatron_msg.training.config import (
@@ -189,7 +190,11 @@ def _check_growth(config: TrainConfig, report: Report) -> None:
             report(f"{key}: {err}")
         if stage.ramp_steps < 0:  # 0: the "No Mask" ablation (new units fully on at once)
             report(f"{key}.ramp_steps must be >= 0, got {stage.ramp_steps}")
+        if stage.operator == "net2net" and stage.ramp_steps != 0:
+            report(f"{key}.ramp_steps must be 0 with operator net2net (it has no masks to ramp), "
+                   f"got {stage.ramp_steps}")  # fmt: skip
         for name, value, choices in (
+            ("operator", stage.operator, GROWTH_OPERATORS),
             ("init", stage.init, INIT_SCHEMES),
             ("depth_strategy", stage.depth_strategy, DEPTH_STRATEGIES),
             ("moment_policy", stage.moment_policy, MOMENT_POLICIES),

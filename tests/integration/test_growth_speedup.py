@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "growth_speedup.py"
-ARMS = ("scratch", "msg", "nomask")
+ARMS = ("scratch", "msg", "nomask")  # the core arms; net2net is trained when named
 
 
 def _bench(tmp: Path, *extra: str, out: str = "runs") -> subprocess.CompletedProcess[str]:
@@ -84,6 +84,19 @@ def test_benchmark_miniature_runs_reports_and_resumes(tmp_path):
     png = (tmp_path / "speedup.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
+    # The optional copy-operator arm, added later: only it trains, and the report gains it.
+    proc = _bench(tmp_path, "--arms", "net2net")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "net2net_seed5: done in" in proc.stdout and "kept" not in proc.stdout
+    report = json.loads((runs / "report.json").read_text())
+    assert report["arms"] == ["scratch", "msg", "nomask", "net2net"] and "net2net_flops" in report
+    assert "Net2Net" in (runs / "report.md").read_text()
+    # Copying is exact for FFN neurons, heads and layers; copied hidden channels move the
+    # norms' statistics. The first stage grows hidden and FFN, the next heads, then layers.
+    events = json.loads((runs / "net2net_seed5/done.json").read_text())["growth_events"]
+    changed = [abs(e["loss_after"] - e["loss_before"]) > 1e-5 * e["loss_before"] for e in events]
+    assert changed == [True, False, False], events
+
     # A cut-short benchmark: the msg run never finished; only it is trained again.
     (runs / "msg_seed5" / "done.json").unlink()
     kept = (runs / "scratch_seed5" / "eval.jsonl").read_text()
@@ -93,7 +106,7 @@ def test_benchmark_miniature_runs_reports_and_resumes(tmp_path):
     assert "msg_seed5: done in" in proc.stdout
     assert (runs / "scratch_seed5" / "eval.jsonl").read_text() == kept
     _check_run_logs(runs)
-    assert (tmp_path / "RESULTS.md").read_text().count("## Growth speed-up") == 2
+    assert (tmp_path / "RESULTS.md").read_text().count("## Growth speed-up") == 3
 
 
 def test_benchmark_with_a_searched_schedule_reuses_scratch(tmp_path):

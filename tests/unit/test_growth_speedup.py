@@ -95,6 +95,10 @@ def test_arms_share_data_optimizer_and_schedule_and_end_in_the_target(bench, tmp
     assert [s.start_step for s in configs["nomask"].growth] == [
         s.start_step for s in configs["msg"].growth
     ]
+    # Net2Net: No Mask's stages with the copy operator; the others keep MSG's operator.
+    assert configs["net2net"].stage_models() == configs["nomask"].stage_models()
+    assert [(s.operator, s.ramp_steps) for s in configs["net2net"].growth] == [("net2net", 0)] * 3
+    assert {s.operator for a in ("msg", "nomask") for s in configs[a].growth} == {"msg"}
 
 
 def test_cumulative_flops_counts_each_steps_own_model(bench, tmp_path):

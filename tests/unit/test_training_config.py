@@ -129,6 +129,16 @@ def test_derived_batch_and_dp():
             1,
             ["growth.0.moment_policy", "'magic'"],
         ),
+        (
+            ["growth.0.start_step=5", "growth.0.num_layers=3", "growth.0.operator=net2net"],
+            1,
+            ["growth.0.ramp_steps must be 0 with operator net2net", "got 100"],
+        ),
+        (
+            ["growth.0.start_step=5", "growth.0.num_layers=3", "growth.0.operator=copy"],
+            1,
+            ["growth.0.operator must be one of ('msg', 'net2net')", "'copy'"],
+        ),
         (["train.dtype=bf16"], 1, ["bf16", "zero_stage"]),
         (["data.seq_len=128"], 1, ["data.seq_len (128)", "max_seq_len (64)"]),
         (["lr.min_lr=1.0", "optimizer.lr=0.1"], 1, ["lr.min_lr (1.0)", "optimizer.lr (0.1)"]),
