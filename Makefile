@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.13.0
 NVCC ?= nvcc
 NVCC_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: venv build test test-fast lint format demo bench bench-norm bench-data bench-model bench-growth bench-growth-searched nvcc-check clean
+.PHONY: venv build test test-fast lint format demo bench bench-norm bench-data bench-model bench-growth bench-growth-searched bench-growth-branch nvcc-check clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,12 @@ bench-growth: build
 bench-growth-searched: build
 	$(PY) benchmarks/growth_speedup.py --search --out demo_out/growth_speedup_searched \
 		--reuse-scratch demo_out/growth_speedup --plot benchmarks/growth_speedup_searched.png
+
+# The same with `schedule-search --method branch` (grows the real model at branch points).
+bench-growth-branch: build
+	$(PY) benchmarks/growth_speedup.py --search --search-method branch \
+		--out demo_out/growth_speedup_branch --reuse-scratch demo_out/growth_speedup \
+		--plot benchmarks/growth_speedup_branch.png
 
 bench: bench-norm bench-data bench-model
 

@@ -241,8 +241,9 @@ def _copy_finished(source: Path, run_dir: Path, values: dict[str, Any]) -> bool:
 
 
 def search_schedule(
-    preset: Preset, *, data_prefix: str, seed: int, out: Path, probe_steps: int
-) -> Path:
+    preset: Preset, *, data_prefix: str, seed: int, out: Path, probe_steps: int,
+    method: str = "grid",
+) -> Path:  # fmt: skip
     """`megatron-msg schedule-search` from the msg arm's start shape to the target (probes
     with this benchmark's data, optimizer and LR schedule; CPU-time clock, steadier on a
     shared machine); returns the schedule.yaml it wrote."""
@@ -261,7 +262,7 @@ def search_schedule(
            "--target", ",".join(map(str, preset.target)), "--out", str(out), "--clock", "cpu",
            "--probe-steps", str(probe_steps or preset.steps // 4),
            "--eval-interval", str(preset.eval_interval), "--eval-batches", str(preset.eval_batches),
-           "--ramp-steps", str(ramp)]  # fmt: skip
+           "--ramp-steps", str(ramp), "--method", method]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     subprocess.run(cmd, check=True, env=env)
     return out / "schedule.yaml"
@@ -516,6 +517,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run `megatron-msg schedule-search` first (into OUT/search) and use its "
                         "schedule")  # fmt: skip
     p.add_argument("--probe-steps", type=int, default=0, help="--search probe length (0: steps/4)")
+    p.add_argument("--search-method", choices=("grid", "branch"), default="grid",
+                   help="--search: schedule-search --method (grid: from-scratch probes of every "
+                        "shape; branch: grow the real model at branch points and measure)")  # fmt: skip
     p.add_argument("--lr", type=float, default=0.0,
                    help="peak learning rate of every arm (min_lr = lr/10); 0: the preset's")  # fmt: skip
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(CORE_ARMS),
@@ -553,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     searched = None
     if args.search:
         args.schedule = str(search_schedule(preset, data_prefix=str(data.prefix), seed=args.seeds[0],
-                                            out=out / "search", probe_steps=args.probe_steps))  # fmt: skip
+                                            out=out / "search", probe_steps=args.probe_steps,
+                                            method=args.search_method))  # fmt: skip
     if args.schedule:
         searched = _read_schedule(Path(args.schedule), preset)
     for seed in args.seeds:

@@ -7,6 +7,13 @@ order and LR schedule), its held-out loss measured every ``--eval-interval``
 steps against training time; :func:`megatron_msg.growth.schedule_search.search`
 then picks the path and growth points with the best predicted loss per second.
 
+``--method branch`` measures growth instead of predicting it
+(:mod:`megatron_msg.growth.branch_search`): round by round, the schedule so far
+trains on (``branches/roundK/stay``) and, at ``--branch-points`` steps, grows
+into each candidate next shape for a ``--window`` of steps
+(``branches/roundK/<step>_<shape>``); the first branch point where a grown model
+lowers the loss faster per second than staying is the next growth.
+
 Writes, under ``--out``: ``probes/<shape>/`` (each probe's ``curve.jsonl``,
 written as it goes, and ``done.json``; a finished probe of the same settings is
 reused when the search runs again), ``search.json`` (curves and decision),
@@ -22,10 +29,18 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from megatron_msg.config import ConfigError
+from megatron_msg.growth.branch_search import (
+    BranchSearchResult,
+    branch_points,
+    choose_growth,
+    format_branch_report,
+    next_shapes,
+)
 from megatron_msg.growth.schedule_search import (
     SHAPE_KEYS,
     Curve,
@@ -41,12 +56,14 @@ from megatron_msg.growth.schedule_search import (
 )
 
 
-def probe_values(values: dict[str, Any], shape: Shape, run_dir: Path) -> dict[str, Any]:
-    """The run config trained from scratch at ``shape``: no growth, no checkpoints or
-    TensorBoard, logs in ``run_dir``."""
+def probe_values(
+    values: dict[str, Any], shape: Shape, run_dir: Path, growth: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """The run config trained from scratch at ``shape`` with the stages ``growth`` (none:
+    a plain probe); no checkpoints or TensorBoard, logs in ``run_dir``."""
     probe = json.loads(json.dumps(values))  # a deep copy of plain data
     probe["model"].update(dict(zip(SHAPE_KEYS, shape)))
-    probe["growth"] = []
+    probe["growth"] = [dict(stage) for stage in growth]
     probe.setdefault("checkpoint", {}).update({"interval": 0, "resume": False, "load": ""})
     probe.setdefault("logging", {}).update({"tensorboard": False, "progress_bar": False})
     probe.setdefault("train", {})["run_dir"] = str(run_dir)
@@ -135,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-growth-fraction", type=float, default=0.75,
                    help="the last growth starts by this fraction of train.steps")  # fmt: skip
+    p.add_argument("--method", choices=("grid", "branch"), default="grid",
+                   help="grid: predict from from-scratch probes of every shape; branch: grow "
+                        "the real model at branch points and measure (module docstring)")  # fmt: skip
+    p.add_argument("--branch-points", type=int, default=3,
+                   help="branch: growth steps tried per round, spread over --probe-steps")  # fmt: skip
+    p.add_argument("--window", type=int, default=0,
+                   help="branch: steps each grown model trains to measure its rate "
+                        "(0: a quarter of --probe-steps, at least a ramp and two evaluations)")  # fmt: skip
     p.add_argument(
         "--out", default="", help="output directory (default: <train.run_dir>/schedule_search)"
     )
@@ -145,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace, train_steps: int) -> None:
     if args.levels < 2:
         raise ScheduleSearchError(f"--levels must be >= 2, got {args.levels}")
-    for name in ("probe_steps", "eval_interval", "ramp_steps", "eval_batches"):
+    for name in ("probe_steps", "eval_interval", "ramp_steps", "eval_batches", "window"):
         if getattr(args, name) < 0:
             raise ScheduleSearchError(
                 f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
@@ -160,6 +185,8 @@ def _check_args(args: argparse.Namespace, train_steps: int) -> None:
         )
     if args.eval_batches < 1:
         raise ScheduleSearchError("--eval-batches must be >= 1")
+    if args.branch_points < 1:
+        raise ScheduleSearchError(f"--branch-points must be >= 1, got {args.branch_points}")
 
 
 def schedule_search(
@@ -192,19 +219,84 @@ def schedule_search(
     return result, curves
 
 
+def branch_schedule_search(
+    values: dict[str, Any], args: argparse.Namespace, out: Path
+) -> tuple[BranchSearchResult, dict[str, Curve]]:
+    """Round by round, grow the real model at branch points and keep the first growth
+    that pays (:mod:`megatron_msg.growth.branch_search`); ``values`` is validated."""
+    train_steps = int(values["train"]["steps"])
+    horizon = args.probe_steps or max(2, train_steps // 4)
+    interval = args.eval_interval or max(1, horizon // 10)
+    ramp = ramp_steps(args, train_steps)
+    # Whole evaluation intervals, so every window has its first and last point measured.
+    window = _round_up(args.window or max(horizon // 4, ramp + 2 * interval), interval)
+    latest = min(int(args.max_growth_fraction * train_steps), train_steps - window)
+    start, target = shape_of(values["model"]), parse_shape(args.target)
+    shapes = candidate_shapes(start, target, levels=args.levels)
+    result = BranchSearchResult(start=start, target=target)
+    curves: dict[str, Curve] = {}
+    growth: list[dict[str, Any]] = []
+    current, entered = start, 0
+
+    def train(name: str, stages: list[dict[str, Any]], steps: int) -> Curve:
+        run_dir = out / "branches" / name
+        run_probe(probe_values(values, start, run_dir, stages), steps=steps,
+                  eval_interval=interval, eval_batches=args.eval_batches, out=run_dir)  # fmt: skip
+        points = json.loads((run_dir / "done.json").read_text())["points"]
+        curves[name] = _curve_of(points, args.clock)
+        return curves[name]
+
+    _rank0_print(f"schedule-search (branch): {len(shapes)} shapes, horizon {horizon} steps, "
+                 f"{args.branch_points} branch points, window {window} steps")  # fmt: skip
+    while current != target:
+        rnd = f"round{len(result.choices) + 1}"
+        points = branch_points(entered=entered, horizon=horizon, count=args.branch_points,
+                               min_gap=ramp + 1 if growth else 1, latest=latest,
+                               multiple=interval)  # fmt: skip
+        _validate_runs(values, start, [*growth, _stage(points[-1], target, ramp)], out)
+        stay = train(f"{rnd}/stay", growth, points[-1] + window)
+        branches = {}
+        for step in points:
+            for shape in next_shapes(current, target, shapes):
+                stages = [*growth, _stage(step, shape, ramp)]
+                branches[(step, shape)] = train(f"{rnd}/{step}_{_shape_dir(shape)}", stages,
+                                                step + window)  # fmt: skip
+        choice = choose_growth(stay, branches, window=window)
+        result.choices.append(choice)
+        _rank0_print(f"  {rnd}: grow at step {choice.step} -> {choice.shape}"
+                     + (" (horizon limited)" if choice.horizon_limited else ""))  # fmt: skip
+        growth.append(_stage(choice.step, choice.shape, ramp))
+        current, entered = choice.shape, choice.step
+    return result, curves
+
+
+def _stage(step: int, shape: Shape, ramp: int) -> dict[str, Any]:
+    return {"start_step": step, "ramp_steps": ramp, **dict(zip(SHAPE_KEYS, shape))}
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def ramp_steps(args: argparse.Namespace, train_steps: int) -> int:
     return int(args.ramp_steps or max(1, train_steps // 40))
 
 
 def _validate_probes(values: dict[str, Any], shapes: list[Shape], out: Path) -> None:
     """Every probe's config must be valid before the first one trains (ConfigError)."""
+    for shape in shapes:
+        _validate_runs(values, shape, [], out)
+
+
+def _validate_runs(
+    values: dict[str, Any], shape: Shape, growth: list[dict[str, Any]], out: Path
+) -> None:
     import torch.distributed as dist
 
     from megatron_msg.training.config import TrainConfig
 
-    for shape in shapes:
-        probe = probe_values(values, shape, out / "probes" / _shape_dir(shape))
-        TrainConfig.from_dict(probe).resolve(world_size=dist.get_world_size())
+    probe = probe_values(values, shape, out / "probes" / _shape_dir(shape), growth)
+    TrainConfig.from_dict(probe).resolve(world_size=dist.get_world_size())
 
 
 def _rank0_print(text: str) -> None:
@@ -213,7 +305,8 @@ def _rank0_print(text: str) -> None:
 
 
 def write_outputs(
-    values: dict[str, Any], result: SearchResult, curves: dict[Shape, Curve], *,
+    values: dict[str, Any], result: SearchResult | BranchSearchResult,
+    curves: Mapping[Shape, Curve] | Mapping[str, Curve], *,
     out: Path, ramp_steps: int, clock: str,
 ) -> dict[str, Any]:  # fmt: skip
     """search.json, schedule.yaml and config.yaml under ``out`` (atomically); the config."""
@@ -224,7 +317,7 @@ def write_outputs(
     record = {
         "clock": clock,
         "result": result.to_dict(),
-        "curves": {_shape_dir(s): vars(c) for s, c in curves.items()},
+        "curves": {k if isinstance(k, str) else _shape_dir(k): vars(c) for k, c in curves.items()},
     }
     _write_atomic(out / "search.json", json.dumps(record, indent=1))
     schedule = {"model": {k: values["model"][k] for k in SHAPE_KEYS}, "growth": growth}
@@ -248,15 +341,22 @@ def main(argv: list[str] | None = None) -> int:
         values = config.to_dict()
         out = Path(args.out or Path(config.train.run_dir) / "schedule_search")
         init_distributed()
-        result, curves = schedule_search(values, args, out)
         ramp = ramp_steps(args, config.train.steps)
-        if os.environ.get("RANK", "0") == "0":
-            write_outputs(values, result, curves, out=out, ramp_steps=ramp, clock=args.clock)
+        if args.method == "branch":
+            found, runs = branch_schedule_search(values, args, out)
+            report = format_branch_report(found, clock=args.clock)
+            if os.environ.get("RANK", "0") == "0":
+                write_outputs(values, found, runs, out=out, ramp_steps=ramp, clock=args.clock)
+        else:
+            result, curves = schedule_search(values, args, out)
+            report = format_report(result, curves, clock=args.clock)
+            if os.environ.get("RANK", "0") == "0":
+                write_outputs(values, result, curves, out=out, ramp_steps=ramp, clock=args.clock)
     except (ConfigError, ScheduleSearchError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"megatron-msg schedule-search: {err}", file=sys.stderr)
         return 1
-    _rank0_print(format_report(result, curves, clock=args.clock))
+    _rank0_print(report)
     _rank0_print(f"schedule: {out / 'schedule.yaml'}; run config: {out / 'config.yaml'}")
     return 0
 

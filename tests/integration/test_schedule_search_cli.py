@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megatron_msg.training.config import load_config
@@ -91,6 +92,44 @@ def test_search_probes_every_shape_and_writes_a_runnable_schedule(tmp_path):
     assert json.loads((out / "search.json").read_text())["clock"] == "cpu"
 
 
+def test_branch_search_grows_for_real_and_writes_a_runnable_schedule(tmp_path):
+    """``--method branch``: the stay run and one grown run per branch point and candidate
+    train with the real trainer, round by round, until the schedule reaches the target."""
+    proc = _search(tmp_path, "--method", "branch", "--branch-points", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "horizon 8 steps, 2 branch points, window 6 steps" in proc.stdout
+    out = tmp_path / "search"
+    record = json.loads((out / "search.json").read_text())
+    result = record["result"]
+    assert result["method"] == "branch" and result["start"] == [32, 64, 2, 1]
+    first = result["choices"][0]
+    # round 1: 2 branch points (steps 4 and 8) x the 3 shapes above the start
+    assert sorted((o["step"], tuple(o["shape"])) for o in first["outcomes"]) == [
+        (step, shape) for step in (4, 8)
+        for shape in ((32, 64, 2, 2), (48, 96, 2, 1), (48, 96, 2, 2))
+    ]  # fmt: skip
+    assert all(o["rate"] is not None and o["stay_rate"] is not None for o in first["outcomes"])
+    rounds = sorted(p.name for p in (out / "branches").iterdir())
+    assert rounds == [f"round{i + 1}" for i in range(len(result["choices"]))]
+
+    # Each grown run really grew at its branch point: its curve has the point there and the
+    # stay run's loss at that step (growth preserves the function).
+    def curve(name: str) -> list[dict]:
+        return [json.loads(x) for x in (out / "branches/round1" / name / "curve.jsonl").open()]
+
+    stay, grown = curve("stay"), curve("4_48x96x2x2")
+    assert [p["step"] for p in grown] == [0, 2, 4, 6, 8, 10]
+    assert grown[2]["loss"] == pytest.approx(stay[2]["loss"], rel=1e-5)
+    assert grown[-1]["loss"] != pytest.approx(stay[5]["loss"], rel=1e-6)  # it trained grown
+    config = load_config(out / "config.yaml")
+    config.resolve(world_size=1)
+    shapes = [(m.hidden_size, m.ffn_hidden_size, m.num_heads, m.num_layers)
+              for m in config.stage_models()]  # fmt: skip
+    assert shapes[0] == (32, 64, 2, 1) and shapes[-1] == (48, 96, 2, 2)
+    assert [g.start_step for g in config.growth] == result["growth_steps"]
+    assert "round 1, from (32, 64, 2, 1)" in proc.stdout
+
+
 def test_bad_input_is_one_line_error_before_training(tmp_path):
     for extra, message in [
         (["--target", "16,96,2,2"], "at least the start"),
@@ -98,6 +137,7 @@ def test_bad_input_is_one_line_error_before_training(tmp_path):
         (["--probe-steps", "100"], "exceeds the run's train.steps"),
         (["optimizer.lr=-1"], "optimizer.lr"),  # a config error, named
         (["--max-growth-fraction", "0"], "max-growth-fraction"),
+        (["--method", "branch", "--branch-points", "0"], "--branch-points must be >= 1"),
     ]:
         result = _search(tmp_path, *extra)
         assert result.returncode == 1, (extra, result.stdout[-2000:], result.stderr[-2000:])
