@@ -16,8 +16,15 @@ there until the schedule ends in the target shape.
 This module holds the decisions only (pure, testable on constructed curves);
 ``training/schedule_search_cli.py`` trains the runs. The rates are slopes of a
 least-squares line through the window's evaluations, so one noisy evaluation
-does not decide a growth. The search is greedy: it compares the next window, not
-the rest of the run.
+does not decide a growth.
+
+Known limits (measured in benchmarks/RESULTS.md): the search is greedy, comparing
+the next window and not the rest of the run, so a growth that pays only later
+(once the small model's capacity runs out) is not seen. Staying is compared over
+the same *steps*, which it covers in less time, on the steeper part of its curve;
+a comparison at equal time would be fairer to growth. When no branch pays, the
+round falls back to the last branch point and the fastest shape there, and the
+result says so (``horizon_limited``).
 """
 
 from __future__ import annotations
