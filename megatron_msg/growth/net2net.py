@@ -1,9 +1,11 @@
 """Net2Net / bert2BERT-style copy growth: the mask-free baseline MSG is compared against.
 
 Width (Net2WiderNet, Chen et al. 2016; bert2BERT's function-preserving init):
-every new FFN neuron, attention head or hidden channel is a *copy* of a
-randomly chosen old one, and the weights that *read* the copied unit are split
-between the original and its copies so their sum is the old weight. Depth
+every new FFN neuron, attention head or hidden channel is a *copy* of an old
+one, and the weights that *read* the copied unit are split between the original
+and its copies so their sum is the old weight. The copied units are drawn
+*balanced* (a random permutation of the old units, repeated as needed), so every
+old unit has the same number of copies, give or take one. Depth
 (Net2DeeperNet): a new layer is built from its ``depth_strategy`` source like
 MSG's, with its output projections (attn.proj, mlp.fc2) set to 0, so the
 pre-norm block adds nothing and is the identity.
@@ -12,9 +14,12 @@ What this preserves, and what it does not (the MSG paper's argument for masks):
 
 - FFN neurons, heads and layers: exactly (up to float summation order).
 - Hidden channels: the copies sit in the residual stream, so every LayerNorm or
-  RMSNorm now normalises over the copied channels too and its statistics move;
-  with tied embeddings the output logits also count each copied channel twice.
-  The function changes; ``benchmarks/growth_speedup.py`` measures by how much.
+  RMSNorm normalises over them too. When the width grows by a whole multiple
+  (every channel copied equally often) the mean, variance and mean square are
+  unchanged and the growth is exact; otherwise the statistics move and so does
+  the function (``benchmarks/growth_speedup.py`` logs by how much). The final
+  norm's weight (and bias) is *split* and the output head's columns copied,
+  so the logits count each channel once even with tied embeddings.
 
 Copies of a unit that received equal shares would get equal gradients and never
 separate (Net2Net adds noise for this). Here the shares are unequal, drawn at
@@ -49,9 +54,11 @@ GROWTH_OPERATORS: tuple[str, ...] = ("msg", "net2net")
 _GLOBAL_AXES = {
     "embed.word.weight": {1: ("hidden", "copy")},
     "embed.pos.weight": {1: ("hidden", "copy")},
-    "final_norm.weight": {0: ("hidden", "copy")},
-    "final_norm.bias": {0: ("hidden", "copy")},
-    "lm_head.weight": {1: ("hidden", "split")},
+    # The final norm feeds only the output head: splitting it (not the head) keeps the
+    # logits exact with tied embeddings, where the head is the copied embedding.
+    "final_norm.weight": {0: ("hidden", "split")},
+    "final_norm.bias": {0: ("hidden", "split")},
+    "lm_head.weight": {1: ("hidden", "copy")},
 }
 _LAYER_AXES = {
     "norm1.weight": {0: ("hidden", "copy")},
@@ -88,7 +95,9 @@ class UnitCopies:
     @staticmethod
     def draw(old: int, new: int, *, seed: int, name: str) -> UnitCopies:
         generator = torch.Generator().manual_seed(derive_seed(seed, f"net2net:{name}"))
-        extra = torch.randint(0, old, (new - old,), generator=generator)
+        rounds = -(-(new - old) // old)  # balanced: each old unit copied equally often, +-1
+        extra = torch.cat([torch.randperm(old, generator=generator) for _ in range(rounds)])
+        extra = extra[: new - old]
         source = torch.cat([torch.arange(old), extra])
         weight = 0.5 + torch.rand(new, generator=generator, dtype=torch.float64)
         group_total = torch.zeros(old, dtype=torch.float64).index_add_(0, source, weight)

@@ -43,11 +43,30 @@ def test_ffn_heads_and_layers_are_exact_in_every_variant(norm, activation, posit
     assert report.max_abs_logits <= TOLERANCES[torch.float32], report
 
 
+@pytest.mark.parametrize(
+    ("norm", "activation", "position", "tied"),
+    VARIANTS,
+    ids=["-".join(map(str, v)) for v in VARIANTS],
+)
+def test_doubling_the_width_is_exact_even_through_the_norms(norm, activation, position, tied):
+    """Balanced copies: every channel once more, so the norms' statistics stay put; the
+    split final norm keeps tied logits exact."""
+    small = make_config(
+        norm=norm, activation=activation, position_embedding=position, tie_embeddings=tied
+    )
+    big = small.replace(hidden_size=48, ffn_hidden_size=80, num_heads=4, num_layers=4)
+    state = initial_state(small, torch.float64)
+    grown = net2net_grow(state, small, big, seed=4).state
+    report = measure_preservation(state, small, grown, big, tokens=tokens(), dtype=torch.float64)
+    assert report.ok, report
+
+
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
-def test_hidden_growth_changes_the_function_through_the_norms(norm):
-    """The copied channels enter every norm's statistics: the output moves, but far
-    less than MSG's new units would move it with their masks switched on."""
-    small = make_config(norm=norm, tie_embeddings=False)
+@pytest.mark.parametrize("tied", [True, False])
+def test_uneven_hidden_growth_changes_the_function_through_the_norms(norm, tied):
+    """24 -> 40 channels: some copied, some not, so the norms' statistics move; far less
+    than MSG's new units would move the output with their masks switched on."""
+    small = make_config(norm=norm, tie_embeddings=tied)
     big = small.replace(**GROWTHS["hidden"])
     state = initial_state(small, torch.float64)
     copied = net2net_grow(state, small, big, seed=4).state
@@ -100,9 +119,11 @@ def test_copies_repeat_their_source_and_split_shares_sum_to_the_old_weight():
     assert torch.equal(qkv[2 * 24 : 3 * 24], qkv[src * 24 : (src + 1) * 24])  # 3 * head_dim rows
 
 
-def test_unit_copies_shares():
+def test_unit_copies_are_balanced_and_shares_sum_to_one():
     copies = UnitCopies.draw(5, 13, seed=0, name="x")
     assert copies.source[:5].tolist() == list(range(5))
+    counts = torch.bincount(copies.source, minlength=5)
+    assert int(counts.max()) - int(counts.min()) <= 1  # 13 units over 5: 2 or 3 each
     assert int(copies.source.max()) < 5 and bool((copies.share > 0).all())
     totals = torch.zeros(5, dtype=torch.float64).index_add_(0, copies.source, copies.share)
     torch.testing.assert_close(totals, torch.ones(5, dtype=torch.float64))
