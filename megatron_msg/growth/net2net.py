@@ -95,7 +95,7 @@ class UnitCopies:
     @staticmethod
     def draw(old: int, new: int, *, seed: int, name: str) -> UnitCopies:
         generator = torch.Generator().manual_seed(derive_seed(seed, f"net2net:{name}"))
-        rounds = -(-(new - old) // old)  # balanced: each old unit copied equally often, +-1
+        rounds = max(1, -(-(new - old) // old))  # balanced: each old unit copied equally often, +-1
         extra = torch.cat([torch.randperm(old, generator=generator) for _ in range(rounds)])
         extra = extra[: new - old]
         source = torch.cat([torch.arange(old), extra])
