@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_msg.config import ConfigError, ModelConfig
-from megatron_msg.growth.operators import GrowthResult, is_mask_name, plan_growth
+from megatron_msg.growth.operators import GrowthResult, InitFn, is_mask_name, plan_growth
 from megatron_msg.parallel.random import derive_seed
 
 __all__ = ["GROWTH_OPERATORS", "net2net_grow"]
@@ -122,14 +122,15 @@ def net2net_grow(
     old_config: ModelConfig,
     new_config: ModelConfig,
     *,
+    init: str | InitFn = "normal",
     depth_strategy: str = "stack",
     seed: int = 0,
     tp_size: int = 1,
 ) -> GrowthResult:
     """Grow ``state`` to ``new_config`` by copying units (module docstring); no masks.
 
-    The arguments are those of :func:`~megatron_msg.growth.operators.grow`
-    (with the model's own init for freshly drawn layers). Masks in ``state``
+    The arguments are those of :func:`~megatron_msg.growth.operators.grow`;
+    ``init`` draws only the layers ``depth_strategy="random"`` adds fresh. Masks in ``state``
     must be folded: a model still ramping an earlier growth cannot be copied
     without changing what its half-on units compute.
     """
@@ -139,14 +140,12 @@ def net2net_grow(
         {name: tuple(t.shape) for name, t in params.items()},
         old_config,
         new_config,
-        init="normal",
+        init=init,
         depth_strategy=depth_strategy,
         seed=seed,
         tp_size=tp_size,
     )
-    hidden = UnitCopies.draw(
-        old_config.hidden_size, new_config.hidden_size, seed=seed, name="hidden"
-    )
+    copies = _CopiesByAxis(old_config, new_config, seed)
     dtype = params["embed.word.weight"].dtype
     grown: dict[str, torch.Tensor] = {}
     for name, tmap in plan.maps.tensors.items():
@@ -155,7 +154,7 @@ def net2net_grow(
         if tmap.source is None:
             grown[name] = plan.build(name, None, dtype=dtype)
         else:
-            axes = _axes_of(name, tmap.source, old_config, new_config, hidden, seed)
+            axes = _axes_of(name, tmap.source, copies, new_config.head_dim)
             grown[name] = _widen(params[tmap.source].detach(), axes)
     for index, layer in enumerate(plan.maps.layers):
         if layer.is_new:
@@ -174,37 +173,43 @@ def _check_masks_folded(state: Mapping[str, torch.Tensor]) -> None:
         )
 
 
+class _CopiesByAxis:
+    """One :class:`UnitCopies` per grown axis (hidden; FFN and heads per source layer),
+    drawn once and shared by every tensor on that axis."""
+
+    def __init__(self, old: ModelConfig, new: ModelConfig, seed: int) -> None:
+        self._sizes = {
+            "hidden": (old.hidden_size, new.hidden_size),
+            "ffn": (old.ffn_hidden_size, new.ffn_hidden_size),
+            "heads": (old.num_heads, new.num_heads),
+        }
+        self._seed = seed
+        self._drawn: dict[str, UnitCopies] = {}
+
+    def get(self, axis: str, layer: str) -> UnitCopies:
+        name = "hidden" if axis == "hidden" else f"layers.{layer}.{axis}"
+        if name not in self._drawn:
+            old, new = self._sizes[axis]
+            self._drawn[name] = UnitCopies.draw(old, new, seed=self._seed, name=name)
+        return self._drawn[name]
+
+
 def _axes_of(
-    name: str,
-    source: str,
-    old: ModelConfig,
-    new: ModelConfig,
-    hidden: UnitCopies,
-    seed: int,
+    name: str, source: str, copies: _CopiesByAxis, head_dim: int
 ) -> dict[int, tuple[UnitCopies, str, int]]:
     """Per grown dim of ``name``: its copies, role and elements per unit."""
     parts = name.split(".", 2)
     if parts[0] != "layers":
-        roles = _GLOBAL_AXES.get(name, {})
-        layer_key = ""
+        roles, layer = _GLOBAL_AXES.get(name, {}), ""
     else:
-        roles = _LAYER_AXES.get(parts[2], {})
         # A copied layer widens like its source, so identical layers stay identical
         # apart from their zeroed outputs.
-        layer_key = source.split(".", 2)[1]
+        roles, layer = _LAYER_AXES.get(parts[2], {}), source.split(".", 2)[1]
     axes: dict[int, tuple[UnitCopies, str, int]] = {}
     for dim, (axis, role) in roles.items():
-        if axis == "hidden":
-            copies, unit = hidden, 1
-        elif axis == "ffn":
-            copies = UnitCopies.draw(old.ffn_hidden_size, new.ffn_hidden_size, seed=seed,
-                                     name=f"layers.{layer_key}.ffn")  # fmt: skip
-            unit = 1
-        else:  # heads: qkv rows hold q, k and v of a head together; proj columns one head each
-            copies = UnitCopies.draw(old.num_heads, new.num_heads, seed=seed,
-                                     name=f"layers.{layer_key}.heads")  # fmt: skip
-            unit = new.head_dim * (3 if role == "copy" else 1)
-        axes[dim] = (copies, role, unit)
+        # qkv rows hold q, k and v of a head together; proj columns one head each
+        unit = head_dim * (3 if role == "copy" else 1) if axis == "heads" else 1
+        axes[dim] = (copies.get(axis, layer), role, unit)
     return axes
 
 

@@ -50,25 +50,16 @@ def grow_engine(
     start = time.perf_counter()
     old_model = engine.module.config
     state = engine.get_state()
-    if stage.operator == "net2net":
-        result = net2net_grow(
-            {**state.weights, **state.masks},
-            old_model,
-            new_model,
-            depth_strategy=stage.depth_strategy,
-            seed=seed,
-            tp_size=groups.tp_size,
-        )
-    else:
-        result = grow(
-            {**state.weights, **state.masks},
-            old_model,
-            new_model,
-            init=stage.init,
-            depth_strategy=stage.depth_strategy,
-            seed=seed,
-            tp_size=groups.tp_size,
-        )
+    operator = net2net_grow if stage.operator == "net2net" else grow
+    result = operator(
+        {**state.weights, **state.masks},
+        old_model,
+        new_model,
+        init=stage.init,
+        depth_strategy=stage.depth_strategy,
+        seed=seed,
+        tp_size=groups.tp_size,
+    )
     exp_avg, exp_avg_sq = carry_moments(
         state.exp_avg, state.exp_avg_sq, result.maps, policy=stage.moment_policy
     )

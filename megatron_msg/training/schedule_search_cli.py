@@ -187,6 +187,10 @@ def _check_args(args: argparse.Namespace, train_steps: int) -> None:
         raise ScheduleSearchError("--eval-batches must be >= 1")
     if args.branch_points < 1:
         raise ScheduleSearchError(f"--branch-points must be >= 1, got {args.branch_points}")
+    if args.window >= train_steps:
+        raise ScheduleSearchError(
+            f"--window ({args.window}) must be shorter than the run's train.steps ({train_steps})"
+        )
 
 
 def schedule_search(
@@ -342,16 +346,16 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or Path(config.train.run_dir) / "schedule_search")
         init_distributed()
         ramp = ramp_steps(args, config.train.steps)
+        result: SearchResult | BranchSearchResult
+        curves: Mapping[Shape, Curve] | Mapping[str, Curve]
         if args.method == "branch":
-            found, runs = branch_schedule_search(values, args, out)
-            report = format_branch_report(found, clock=args.clock)
-            if os.environ.get("RANK", "0") == "0":
-                write_outputs(values, found, runs, out=out, ramp_steps=ramp, clock=args.clock)
+            result, curves = branch_schedule_search(values, args, out)
+            report = format_branch_report(result, clock=args.clock)
         else:
             result, curves = schedule_search(values, args, out)
             report = format_report(result, curves, clock=args.clock)
-            if os.environ.get("RANK", "0") == "0":
-                write_outputs(values, result, curves, out=out, ramp_steps=ramp, clock=args.clock)
+        if os.environ.get("RANK", "0") == "0":
+            write_outputs(values, result, curves, out=out, ramp_steps=ramp, clock=args.clock)
     except (ConfigError, ScheduleSearchError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"megatron-msg schedule-search: {err}", file=sys.stderr)

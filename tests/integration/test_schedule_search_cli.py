@@ -138,6 +138,7 @@ def test_bad_input_is_one_line_error_before_training(tmp_path):
         (["optimizer.lr=-1"], "optimizer.lr"),  # a config error, named
         (["--max-growth-fraction", "0"], "max-growth-fraction"),
         (["--method", "branch", "--branch-points", "0"], "--branch-points must be >= 1"),
+        (["--method", "branch", "--window", "40"], "--window (40) must be shorter"),
     ]:
         result = _search(tmp_path, *extra)
         assert result.returncode == 1, (extra, result.stdout[-2000:], result.stderr[-2000:])

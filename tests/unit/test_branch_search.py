@@ -68,33 +68,34 @@ def test_branch_points_are_spread_snapped_and_kept_a_ramp_apart():
         branch_points(entered=0, horizon=100, count=0, min_gap=1, latest=100)
 
 
+WIDE, DEEP = (128, 512, 2, 2), (64, 256, 2, 4)
+
+
+def grown_runs(rates: dict[tuple[int, tuple[int, int, int, int]], float]) -> dict:
+    """Branch runs, 0.2 s a step (twice staying's), each losing its rate for 100 steps
+    past its branch point."""
+    return {
+        (step, shape): line(range(0, step + 101, 25), seconds_per_step=0.2, loss_per_second=rate)
+        for (step, shape), rate in rates.items()
+    }
+
+
 def test_choose_the_first_branch_point_where_a_grown_model_out_paces_staying():
     stay = line(range(0, 401, 25), seconds_per_step=0.1, loss_per_second=0.05)
-    wide, deep = (128, 512, 2, 2), (64, 256, 2, 4)
-    branches = {
-        # at step 100 nothing pays; at 200 both do, deep faster; at 300 wide is fastest
-        (100, wide): line(range(0, 201, 25), seconds_per_step=0.2, loss_per_second=0.04),
-        (100, deep): line(range(0, 201, 25), seconds_per_step=0.2, loss_per_second=0.03),
-        (200, wide): line(range(0, 301, 25), seconds_per_step=0.2, loss_per_second=0.06),
-        (200, deep): line(range(0, 301, 25), seconds_per_step=0.2, loss_per_second=0.07),
-        (300, wide): line(range(0, 401, 25), seconds_per_step=0.2, loss_per_second=0.09),
-    }
+    # at step 100 nothing pays; at 200 both do, deep faster; at 300 wide is fastest
+    branches = grown_runs({(100, WIDE): 0.04, (100, DEEP): 0.03, (200, WIDE): 0.06,
+                           (200, DEEP): 0.07, (300, WIDE): 0.09})  # fmt: skip
     choice = choose_growth(stay, branches, window=100)
-    assert (choice.step, choice.shape, choice.horizon_limited) == (200, deep, False)
+    assert (choice.step, choice.shape, choice.horizon_limited) == (200, DEEP, False)
     assert len(choice.outcomes) == 5
     assert [o.pays for o in choice.outcomes] == [False, False, True, True, True]
 
 
 def test_when_no_branch_pays_the_last_point_and_its_fastest_shape_are_taken():
     stay = line(range(0, 301, 25), seconds_per_step=0.1, loss_per_second=0.05)
-    wide, deep = (128, 512, 2, 2), (64, 256, 2, 4)
-    branches = {
-        (100, wide): line(range(0, 201, 25), seconds_per_step=0.2, loss_per_second=0.04),
-        (200, wide): line(range(0, 301, 25), seconds_per_step=0.2, loss_per_second=0.02),
-        (200, deep): line(range(0, 301, 25), seconds_per_step=0.2, loss_per_second=0.03),
-    }
+    branches = grown_runs({(100, WIDE): 0.04, (200, WIDE): 0.02, (200, DEEP): 0.03})
     choice = choose_growth(stay, branches, window=100)
-    assert (choice.step, choice.shape, choice.horizon_limited) == (200, deep, True)
+    assert (choice.step, choice.shape, choice.horizon_limited) == (200, DEEP, True)
     with pytest.raises(ScheduleSearchError, match="no branch runs"):
         choose_growth(stay, {}, window=100)
 
